@@ -1,0 +1,840 @@
+"""The LLaVA-style model of FairLLaVA, written from scratch: Llama/Vicuna + ViT + projector.
+
+FairLLaVA (CVPR 2026, arXiv 2603.26008) fine-tunes LLaVA-Rad: a Vicuna-7B-v1.5 language model
+(the Llama-2 architecture) that reads the patch tokens of a frozen BiomedCLIP vision tower through
+a two-layer MLP "projector" (Sec. 3, "Overall architecture"). This file holds all three, plus what
+is needed to use them for real:
+
+- `LlamaConfig` / `Llama`: RMSNorm, rotary embeddings, grouped-query attention with a KV cache,
+  SwiGLU MLP. Module names mirror the Hugging Face keys exactly, so an HF checkpoint loads with a
+  strict `load_state_dict` and no key map.
+- `VisionConfig` / `VisionTransformer`: a timm-layout ViT whose hyper-parameters are read off the
+  checkpoint's tensor shapes (stock BiomedCLIP ViT-B/16 at 224 px, LLaVA-Rad's ViT-B/14 at 518 px).
+- `LlavaModel`: image patch tokens -> `mm_projector` -> spliced into the text embeddings where
+  input_ids holds the image sentinel -200 (LLaVA's convention).
+- loading (local folder or hub id; safetensors or pickled .bin, sharded or not), the tokenizer and
+  the Vicuna "v1" conversation template, and `generate` (greedy or sampled, batched, KV cache).
+
+Run `python model.py` for a smoke test: a tiny random LLaVA does a forward pass and greedy
+generation on CPU in about a second.
+"""
+
+import json
+import math
+import re
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+IMAGE_TOKEN_INDEX = -200  # sentinel id standing for "the image goes here" in input_ids
+IGNORE_INDEX = -100  # label value that the LM loss skips
+DEFAULT_IMAGE_TOKEN = "<image>"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint or config that does not fit the model; the message names the file and keys."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Llama / Vicuna
+
+
+@dataclass
+class LlamaConfig:
+    # Defaults are lmsys/vicuna-7b-v1.5's config.json (the Llama-2-7B architecture).
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    intermediate_size: int = 11008
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    num_key_value_heads: int = 32  # < num_attention_heads means grouped-query attention
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    max_position_embeddings: int = 4096
+    tie_word_embeddings: bool = False
+    bos_token_id: int = 1
+    eos_token_id: int = 2
+    pad_token_id: int = 0
+
+    def __post_init__(self):
+        if self.hidden_size % self.num_attention_heads:
+            raise CheckpointError(f"hidden_size {self.hidden_size} is not divisible by "
+                                  f"num_attention_heads {self.num_attention_heads}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise CheckpointError(f"num_attention_heads {self.num_attention_heads} is not divisible by "
+                                  f"num_key_value_heads {self.num_key_value_heads}")
+
+    @property
+    def head_dim(self):
+        return self.hidden_size // self.num_attention_heads
+
+    @classmethod
+    def tiny(cls, **overrides):
+        """A few-hundred-thousand-parameter Llama for tests and the CPU demo."""
+        kw = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+        kw.update(overrides)
+        return cls(**kw)
+
+    @classmethod
+    def from_hf_config(cls, cfg, source="config.json"):
+        """Read an HF config.json dict. Fields that would change the math and that this
+        implementation does not do (rope scaling, biases, other activations) are refused rather
+        than ignored, so a model never runs with silently wrong numbers."""
+        if cfg.get("model_type", "llama") != "llama":
+            raise CheckpointError(f"{source}: model_type {cfg['model_type']!r} is not supported (expected 'llama')")
+        unsupported = {
+            "rope_scaling": lambda v: v not in (None, {}),
+            "attention_bias": bool, "mlp_bias": bool,
+            "hidden_act": lambda v: v != "silu",
+            "head_dim": lambda v: v is not None and v != cfg["hidden_size"] // cfg["num_attention_heads"],
+        }
+        for key, bad in unsupported.items():
+            if key in cfg and bad(cfg[key]):
+                raise CheckpointError(f"{source}: field {key}={cfg[key]!r} is not supported by this implementation")
+        # rope_theta has three spellings: absent (Llama-2, default 10000), top-level, or nested.
+        theta = cfg.get("rope_theta")
+        if theta is None and isinstance(cfg.get("rope_parameters"), dict):
+            rp = cfg["rope_parameters"]
+            if rp.get("rope_type", "default") != "default":
+                raise CheckpointError(f"{source}: rope_parameters.rope_type={rp['rope_type']!r} is not supported")
+            theta = rp.get("rope_theta")
+        kw = {f.name: cfg[f.name] for f in fields(cls) if f.name in cfg and cfg[f.name] is not None}
+        kw.pop("rope_theta", None)
+        kw.setdefault("num_key_value_heads", kw.get("num_attention_heads", cls.num_attention_heads))
+        for key in ("bos_token_id", "eos_token_id"):  # Llama-3 writes lists of ids
+            if isinstance(kw.get(key), list):
+                kw[key] = kw[key][0]
+        return cls(rope_theta=float(theta if theta is not None else 10000.0), **kw)
+
+    def to_hf_config(self):
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        d.update(model_type="llama", architectures=["LlamaForCausalLM"], hidden_act="silu")
+        return d
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # Normalise in fp32 and cast back before the weight, as the HF/Meta Llama code does;
+        # in bf16 the mean of squares would lose precision.
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def rope_cos_sin(position_ids, head_dim, theta, dtype):
+    """cos/sin tables (B, T, head_dim) for rotary embeddings (Su et al. 2021), HF layout:
+    frequencies duplicated as cat(freqs, freqs) to pair with `rotate_half`."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=position_ids.device).float() / head_dim)
+    freqs = position_ids.float()[..., None] * inv_freq  # (B, T, hd/2)
+    emb = torch.cat((freqs, freqs), dim=-1)  # (B, T, hd)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def rotate_half(x):
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x, cos, sin):
+    # x (B, nh, T, hd); cos/sin (B, T, hd). HF checkpoints permute q/k weights for this
+    # half-split convention, so no permutation is needed at load time.
+    return x * cos[:, None] + rotate_half(x) * sin[:, None]
+
+
+class KVCache:
+    """Pre-allocated keys/values for every layer; `length` tokens are filled so far."""
+
+    def __init__(self, cfg, batch_size, max_length, device, dtype):
+        shape = (batch_size, cfg.num_key_value_heads, max_length, cfg.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
+        self.length = 0
+        self.max_length = max_length
+
+    def update(self, layer, k, v):
+        T = k.shape[2]
+        if self.length + T > self.max_length:
+            raise ValueError(f"KV cache overflow: {self.length}+{T} > max_length {self.max_length}")
+        self.k[layer][:, :, self.length:self.length + T] = k
+        self.v[layer][:, :, self.length:self.length + T] = v
+        end = self.length + T
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.n_head, self.n_kv, self.hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.hidden_size, self.n_head * self.hd, bias=False)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.hd, bias=False)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.hd, bias=False)
+        self.o_proj = nn.Linear(self.n_head * self.hd, cfg.hidden_size, bias=False)
+
+    def forward(self, x, cos, sin, mask, cache=None, layer_idx=0):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_head, self.hd).transpose(1, 2)  # (B, nh, T, hd)
+        k = self.k_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, nkv, T, hd)
+        v = self.v_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(layer_idx, k, v)  # (B, nkv, S, hd), S = past + T
+        if self.n_kv != self.n_head:  # grouped-query attention: each kv head serves n_head/n_kv queries
+            k = k.repeat_interleave(self.n_head // self.n_kv, dim=1)
+            v = v.repeat_interleave(self.n_head // self.n_kv, dim=1)
+        if mask is None:  # no padding, no cache: the fused causal kernel
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.self_attn = Attention(cfg)
+        self.mlp = MLP(cfg)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, x, cos, sin, mask, cache=None, layer_idx=0):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer_idx)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaBody(nn.Module):
+    """Holds the `model.*` keys of an HF LlamaForCausalLM checkpoint."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+def attention_mask_4d(attention_mask, past, T):
+    """Boolean (B, 1, T, S) mask: query t (absolute position past+t) may see key s when s is a real
+    token and s <= past+t. A padding query may always see itself, so no row is all-False (that
+    would give NaN in softmax); its output is never used."""
+    B, S = attention_mask.shape
+    q_pos = torch.arange(past, past + T, device=attention_mask.device)
+    k_pos = torch.arange(S, device=attention_mask.device)
+    causal = k_pos[None, :] <= q_pos[:, None]  # (T, S)
+    mask = causal[None] & attention_mask[:, None, :].bool()  # (B, T, S)
+    mask = mask | (k_pos[None, :] == q_pos[:, None])[None]
+    return mask[:, None]
+
+
+class Llama(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.config = cfg
+        self.model = LlamaBody(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.gradient_checkpointing = False
+
+    def forward(self, input_ids=None, inputs_embeds=None, attention_mask=None, position_ids=None,
+                cache=None, return_hidden=False):
+        """logits (B, T, vocab); with return_hidden also the list of n_layers + 1 hidden states in
+        HF's `hidden_states` order: the embeddings, then each decoder layer's output, the last one
+        after the final RMSNorm (as HF returns it).
+
+        attention_mask (B, S) covers the cached tokens plus the new ones (1 real, 0 padding).
+        position_ids default to each sample's count of real tokens so far, which is what left-padded
+        batched generation needs and equals 0..T-1 for right-padded training batches."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        x = self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        B, T, _ = x.shape
+        past = cache.length if cache is not None else 0
+        if position_ids is None:
+            if attention_mask is not None:
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:past + T]
+            else:
+                position_ids = torch.arange(past, past + T, device=x.device).expand(B, T)
+        mask = None
+        if cache is not None or (attention_mask is not None and not bool(attention_mask.all())):
+            if attention_mask is None:
+                attention_mask = torch.ones(B, past + T, dtype=torch.long, device=x.device)
+            mask = attention_mask_4d(attention_mask, past, T)
+        cos, sin = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, x.dtype)
+
+        hidden = [x]
+        for i, layer in enumerate(self.model.layers):
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                # Recompute activations in backward instead of storing them (official config).
+                x = checkpoint(layer, x, cos, sin, mask, None, i, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, mask, cache, i)
+            hidden.append(x)
+        if cache is not None:
+            cache.length += T
+        x = self.model.norm(x)
+        hidden[-1] = x
+        logits = self.lm_head(x)
+        return (logits, hidden) if return_hidden else logits
+
+
+# ----------------------------------------------------------------------------------------------
+# Vision transformer (timm key layout, as inside open_clip's BiomedCLIP `visual.trunk`)
+
+
+@dataclass
+class VisionConfig:
+    # Defaults: BiomedCLIP's ViT-B/16 at 224 px. LLaVA-Rad's tower is ViT-B/14 at 518 px with LayerScale.
+    image_size: int = 224
+    patch_size: int = 16
+    width: int = 768
+    depth: int = 12
+    num_heads: int = 12
+    mlp_dim: int = 3072
+    layer_scale: bool = False
+    eps: float = 1e-6
+    mean: tuple = (0.48145466, 0.4578275, 0.40821073)
+    std: tuple = (0.26862954, 0.26130258, 0.27577711)
+
+    @property
+    def grid(self):
+        return self.image_size // self.patch_size
+
+    @classmethod
+    def tiny(cls, **overrides):
+        kw = dict(image_size=32, patch_size=8, width=32, depth=3, num_heads=2, mlp_dim=64)
+        kw.update(overrides)
+        return cls(**kw)
+
+    @classmethod
+    def from_state_dict(cls, sd, head_dim=64, source="checkpoint"):
+        """Read the architecture off tensor shapes (as openai/CLIP does). The head count is not
+        visible in the shapes; every BiomedCLIP/DINOv2 ViT-B uses head_dim 64."""
+        try:
+            width = sd["cls_token"].shape[-1]
+            patch = sd["patch_embed.proj.weight"].shape[-1]
+            n_pos = sd["pos_embed"].shape[1]
+            mlp_dim = sd["blocks.0.mlp.fc1.weight"].shape[0]
+        except KeyError as e:
+            raise CheckpointError(f"{source}: vision tower key {e.args[0]!r} is missing") from None
+        grid = math.isqrt(n_pos - 1)
+        if grid * grid != n_pos - 1:
+            raise CheckpointError(f"{source}: pos_embed has {n_pos} positions, expected 1 + a square grid")
+        if width % head_dim:
+            raise CheckpointError(f"{source}: width {width} is not a multiple of head_dim {head_dim}; "
+                                  f"pass num_heads explicitly")
+        depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
+        return cls(image_size=grid * patch, patch_size=patch, width=width, depth=depth,
+                   num_heads=width // head_dim, mlp_dim=mlp_dim, layer_scale="blocks.0.ls1.gamma" in sd)
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.proj = nn.Conv2d(3, cfg.width, kernel_size=cfg.patch_size, stride=cfg.patch_size)
+
+    def forward(self, x):
+        return self.proj(x).flatten(2).transpose(1, 2)  # (B, C, g, g) -> (B, g*g, C)
+
+
+class VitAttention(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.num_heads = cfg.num_heads
+        self.qkv = nn.Linear(cfg.width, 3 * cfg.width)
+        self.proj = nn.Linear(cfg.width, cfg.width)
+
+    def forward(self, x):
+        B, N, C = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)  # each (B, nh, N, hd)
+        y = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(y.transpose(1, 2).reshape(B, N, C))
+
+
+class VitMlp(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.fc1 = nn.Linear(cfg.width, cfg.mlp_dim)
+        self.fc2 = nn.Linear(cfg.mlp_dim, cfg.width)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x)))  # exact (erf) GELU, as timm
+
+
+class LayerScale(nn.Module):
+    def __init__(self, dim):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        return x * self.gamma
+
+
+class VitBlock(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(cfg.width, eps=cfg.eps)
+        self.attn = VitAttention(cfg)
+        self.norm2 = nn.LayerNorm(cfg.width, eps=cfg.eps)
+        self.mlp = VitMlp(cfg)
+        self.ls1 = LayerScale(cfg.width) if cfg.layer_scale else nn.Identity()
+        self.ls2 = LayerScale(cfg.width) if cfg.layer_scale else nn.Identity()
+
+    def forward(self, x):
+        x = x + self.ls1(self.attn(self.norm1(x)))
+        return x + self.ls2(self.mlp(self.norm2(x)))
+
+
+class VisionTransformer(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.config = cfg
+        self.patch_embed = PatchEmbed(cfg)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.width))
+        self.pos_embed = nn.Parameter(torch.randn(1, cfg.grid ** 2 + 1, cfg.width) * 0.02)
+        self.blocks = nn.ModuleList(VitBlock(cfg) for _ in range(cfg.depth))
+        self.norm = nn.LayerNorm(cfg.width, eps=cfg.eps)
+
+    def forward(self, pixels, select_layer=-2):
+        """Patch tokens (B, grid^2, width) of one block's output, CLS dropped, no final norm —
+        LLaVA's feature choice. select_layer indexes [embeddings, block 1, ..., block depth] as
+        HF's hidden_states do, so -2 is the penultimate block."""
+        S = self.config.image_size
+        if pixels.ndim != 4 or pixels.shape[1] != 3 or pixels.shape[-2:] != (S, S):
+            raise ValueError(f"vision tower expects images of shape (B, 3, {S}, {S}), got {tuple(pixels.shape)}")
+        n_blocks = select_layer % (len(self.blocks) + 1)
+        x = self.patch_embed(pixels.to(self.pos_embed.dtype))
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed  # (B, 1+N, C)
+        for blk in self.blocks[:n_blocks]:
+            x = blk(x)
+        return x[:, 1:]
+
+
+# ----------------------------------------------------------------------------------------------
+# LLaVA: vision tower -> projector -> language model
+
+
+def build_projector(vision_width, hidden_size):
+    """LLaVA's `mlp2x_gelu`: keys mm_projector.0.* and mm_projector.2.*."""
+    return nn.Sequential(nn.Linear(vision_width, hidden_size), nn.GELU(), nn.Linear(hidden_size, hidden_size))
+
+
+@dataclass
+class LlavaOutput:
+    logits: torch.Tensor  # (B, T', V) on the expanded sequence (sentinel -> image patches)
+    loss: torch.Tensor | None
+    hidden: list | None  # n_layers + 1 tensors (B, T', H)
+    attention_mask: torch.Tensor  # (B, T')
+    labels: torch.Tensor | None  # (B, T')
+    image_mask: torch.Tensor  # (B, T') True at image-patch positions
+
+
+def lm_loss(logits, labels, sample_weight=None):
+    """Causal LM cross-entropy: position t predicts token t+1, over labels != IGNORE_INDEX.
+    With sample_weight (B,) (the reweighting baseline) each sample's tokens count w_i times:
+    sum_i w_i sum_t l_it / sum_i w_i n_i."""
+    if logits.shape[:2] != labels.shape:
+        raise ValueError(f"logits {tuple(logits.shape)} and labels {tuple(labels.shape)} disagree")
+    logits, labels = logits[:, :-1], labels[:, 1:]
+    tok = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                          ignore_index=IGNORE_INDEX, reduction="none").view(labels.shape)  # (B, T-1)
+    valid = (labels != IGNORE_INDEX).float()
+    w = valid if sample_weight is None else valid * sample_weight.float()[:, None]
+    return (tok * w).sum() / w.sum().clamp(min=1e-8)
+
+
+class LlavaModel(nn.Module):
+    def __init__(self, llm_cfg, vision_cfg):
+        super().__init__()
+        self.vision_tower = VisionTransformer(vision_cfg)
+        self.mm_projector = build_projector(vision_cfg.width, llm_cfg.hidden_size)
+        self.llm = Llama(llm_cfg)
+        self.vision_tower.requires_grad_(False)  # frozen in both stages (paper Sec. 3)
+        self.select_layer = -2
+
+    def encode_images(self, pixel_values):
+        with torch.no_grad():  # the tower is frozen: no activations kept for backward
+            feats = self.vision_tower(pixel_values, self.select_layer)
+        return self.mm_projector(feats.to(self.mm_projector[0].weight.dtype))  # (B, N, H)
+
+    def prepare_inputs(self, input_ids, pixel_values, attention_mask, labels=None):
+        """Replace each sample's single -200 sentinel by its N projected patch embeddings. Every
+        sample grows by N - 1 tokens, so a right-padded (or left-padded) batch keeps its layout."""
+        B, T = input_ids.shape
+        is_img = input_ids == IMAGE_TOKEN_INDEX
+        counts = is_img.sum(1)
+        if pixel_values is None:
+            if counts.any():
+                raise ValueError("input_ids contain the image sentinel -200 but no pixel_values were given")
+            emb = self.llm.model.embed_tokens(input_ids)
+            return emb, attention_mask, labels, torch.zeros_like(input_ids, dtype=torch.bool)
+        if not bool((counts == 1).all()):
+            raise ValueError(f"each sample needs exactly one image sentinel {IMAGE_TOKEN_INDEX}; "
+                             f"counts per sample: {counts.tolist()}")
+        if pixel_values.shape[0] != B:
+            raise ValueError(f"{pixel_values.shape[0]} images for a batch of {B} prompts")
+        img = self.encode_images(pixel_values)  # (B, N, H)
+        N = img.shape[1]
+        text = self.llm.model.embed_tokens(input_ids.masked_fill(is_img, 0))  # (B, T, H)
+        pos = is_img.int().argmax(1)  # sentinel position per sample
+        embeds, masks, labs, img_masks = [], [], [], []
+        for b in range(B):
+            p = int(pos[b])
+            embeds.append(torch.cat([text[b, :p], img[b].to(text.dtype), text[b, p + 1:]]))
+            m = attention_mask[b]
+            masks.append(torch.cat([m[:p], m.new_ones(N), m[p + 1:]]))
+            im = torch.zeros(T - 1 + N, dtype=torch.bool, device=input_ids.device)
+            im[p:p + N] = True
+            img_masks.append(im)
+            if labels is not None:
+                lb = labels[b]
+                labs.append(torch.cat([lb[:p], lb.new_full((N,), IGNORE_INDEX), lb[p + 1:]]))
+        labels = torch.stack(labs) if labels is not None else None
+        return torch.stack(embeds), torch.stack(masks), labels, torch.stack(img_masks)
+
+    def forward(self, input_ids, pixel_values=None, attention_mask=None, labels=None,
+                return_hidden=False, sample_weight=None):
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        embeds, mask, labels, image_mask = self.prepare_inputs(input_ids, pixel_values, attention_mask, labels)
+        out = self.llm(inputs_embeds=embeds, attention_mask=mask, return_hidden=return_hidden)
+        logits, hidden = out if return_hidden else (out, None)
+        loss = lm_loss(logits, labels, sample_weight) if labels is not None else None
+        return LlavaOutput(logits, loss, hidden, mask, labels, image_mask)
+
+
+# ----------------------------------------------------------------------------------------------
+# Generation
+
+
+def _sample(logits, temperature, top_p, generator):
+    if temperature <= 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1.0:  # nucleus: keep the smallest set of tokens whose mass reaches top_p
+        sp, idx = probs.sort(-1, descending=True)
+        drop = sp.cumsum(-1) - sp > top_p
+        sp = sp.masked_fill(drop, 0)
+        probs = torch.zeros_like(probs).scatter(-1, idx, sp)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def generate(model, prompts, pixel_values=None, max_new_tokens=256, temperature=0.0, top_p=1.0,
+             eos_token_id=2, pad_token_id=0, generator=None):
+    """Decode a batch of prompts (lists of ids; -200 marks the image for a LlavaModel) with a KV
+    cache. Prompts are left-padded so every sample's next token sits in the last column. Returns
+    the new tokens of each sample, cut before its first EOS. Greedy when temperature is 0."""
+    llm = model.llm if isinstance(model, LlavaModel) else model
+    device = next(model.parameters()).device
+    B, L = len(prompts), max(len(p) for p in prompts)
+    ids = torch.full((B, L), pad_token_id, dtype=torch.long, device=device)
+    mask = torch.zeros(B, L, dtype=torch.long, device=device)
+    for b, p in enumerate(prompts):
+        ids[b, L - len(p):] = torch.tensor(p, dtype=torch.long)
+        mask[b, L - len(p):] = 1
+    if isinstance(model, LlavaModel):
+        embeds, mask, _, _ = model.prepare_inputs(ids, pixel_values, mask)
+    else:
+        embeds = llm.model.embed_tokens(ids)
+    dtype = llm.model.embed_tokens.weight.dtype
+    cache = KVCache(llm.config, B, embeds.shape[1] + max_new_tokens, device, dtype)
+    logits = llm(inputs_embeds=embeds.to(dtype), attention_mask=mask, cache=cache)[:, -1]
+    out = torch.empty(B, 0, dtype=torch.long, device=device)
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    for _ in range(max_new_tokens):
+        nxt = _sample(logits, temperature, top_p, generator)
+        nxt = nxt.masked_fill(done, pad_token_id)
+        out = torch.cat([out, nxt[:, None]], dim=1)
+        done |= nxt == eos_token_id
+        if bool(done.all()):
+            break
+        mask = torch.cat([mask, mask.new_ones(B, 1)], dim=1)
+        logits = llm(nxt[:, None], attention_mask=mask, cache=cache)[:, -1]
+    results = []
+    for row in out.tolist():
+        results.append(row[:row.index(eos_token_id)] if eos_token_id in row else row)
+    return results
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoint loading
+
+
+def resolve_path(path_or_repo, revision=None, allow_patterns=None):
+    """A local file/folder, or a hub repo id fetched (or found in the local cache) through
+    huggingface_hub. Nothing here is needed by the tests or the demo, which use local folders."""
+    p = Path(path_or_repo).expanduser()
+    if p.exists():
+        return p
+    if not re.fullmatch(r"[\w.-]+/[\w.-]+", str(path_or_repo)):
+        raise FileNotFoundError(f"{path_or_repo}: no such file or folder (and not a hub repo id 'org/name')")
+    from huggingface_hub import snapshot_download
+    try:
+        return Path(snapshot_download(str(path_or_repo), revision=revision, allow_patterns=allow_patterns))
+    except Exception as e:  # offline, unknown repo, gated...: say which and why
+        raise FileNotFoundError(f"{path_or_repo}: not a local path, and the hub download failed: {e}") from e
+
+
+def load_tensors(path):
+    """One weights file -> {key: tensor}. Pickled .bin files load with weights_only=True (no code
+    runs from the file) and mmap=True (tensors stay on disk until used)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: weights file not found")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+            return load_file(str(path))
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:
+        raise CheckpointError(f"{path}: could not read weights ({type(e).__name__}: {e})") from e
+
+
+def weight_files(folder):
+    """The weight files of an HF model folder: sharded (index json) or single, safetensors first."""
+    folder = Path(folder)
+    for index, single in (("model.safetensors.index.json", "model.safetensors"),
+                          ("pytorch_model.bin.index.json", "pytorch_model.bin")):
+        if (folder / index).is_file():
+            weight_map = json.loads((folder / index).read_text())["weight_map"]
+            return [folder / f for f in sorted(set(weight_map.values()))]
+        if (folder / single).is_file():
+            return [folder / single]
+    raise CheckpointError(f"{folder}: no weights found (looked for model.safetensors[.index.json] "
+                          f"and pytorch_model.bin[.index.json])")
+
+
+def _list(keys, n=8):
+    keys = sorted(keys)
+    return ", ".join(keys[:n]) + (f" ... ({len(keys)} in all)" if len(keys) > n else "")
+
+
+def assign_checkpoint(module, sd, source):
+    """Strict load with a readable error: every missing, unexpected and mis-shaped key is named.
+    `assign=True` makes a model built on the meta device take the loaded tensors themselves, so
+    a 7B load holds one copy of the weights, not two."""
+    expected = module.state_dict(keep_vars=True)
+    missing = set(expected) - set(sd)
+    unexpected = set(sd) - set(expected)
+    shapes = [f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(expected[k].shape)}"
+              for k in set(sd) & set(expected) if sd[k].shape != expected[k].shape]
+    if missing or unexpected or shapes:
+        msg = [f"{source}: checkpoint does not match the model"]
+        if missing:
+            msg.append(f"missing keys: {_list(missing)}")
+        if unexpected:
+            msg.append(f"unexpected keys: {_list(unexpected)}")
+        if shapes:
+            msg.append("shape mismatches: " + "; ".join(sorted(shapes)[:8]))
+        raise CheckpointError("\n  ".join(msg))
+    module.load_state_dict(sd, strict=True, assign=True)
+
+
+def _cast(sd, dtype):
+    return {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in sd.items()}
+
+
+def load_llama(path_or_repo, dtype=torch.float32, device="cpu", revision=None):
+    """An HF Llama/Vicuna folder or hub id -> Llama. Built on the meta device, then the checkpoint's
+    tensors are assigned shard by shard (cast to dtype), so memory peaks at one copy."""
+    folder = resolve_path(path_or_repo, revision, ["*.json", "*.safetensors", "*.bin", "tokenizer*"])
+    cfg_path = folder / "config.json"
+    if not cfg_path.is_file():
+        raise CheckpointError(f"{folder}: config.json not found")
+    cfg = LlamaConfig.from_hf_config(json.loads(cfg_path.read_text()), source=str(cfg_path))
+    with torch.device("meta"):
+        model = Llama(cfg)
+    sd = {}
+    for f in weight_files(folder):
+        for k, v in load_tensors(f).items():
+            if k.endswith("rotary_emb.inv_freq"):  # a buffer old HF checkpoints saved; we recompute it
+                continue
+            sd[k] = v.to(device=device, dtype=dtype) if v.is_floating_point() else v
+    if cfg.tie_word_embeddings and "lm_head.weight" not in sd and "model.embed_tokens.weight" in sd:
+        sd["lm_head.weight"] = sd["model.embed_tokens.weight"]
+    assign_checkpoint(model, sd, str(folder))
+    if cfg.tie_word_embeddings:  # assign replaced the Parameter objects; tie them again
+        model.lm_head.weight = model.model.embed_tokens.weight
+    return model
+
+
+def save_llama(model, folder, shard_size=None):
+    """Write an HF-layout folder (config.json + model.safetensors, or shards with an index)."""
+    from safetensors.torch import save_file
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(model.config.to_hf_config(), indent=2))
+    sd = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    if model.config.tie_word_embeddings:
+        sd.pop("lm_head.weight")
+    if shard_size is None:
+        save_file(sd, str(folder / "model.safetensors"), metadata={"format": "pt"})
+        return
+    shards, cur, size = [], {}, 0
+    for k, v in sd.items():
+        if cur and size + v.numel() * v.element_size() > shard_size:
+            shards.append(cur)
+            cur, size = {}, 0
+        cur[k] = v
+        size += v.numel() * v.element_size()
+    shards.append(cur)
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(folder / name), metadata={"format": "pt"})
+        weight_map.update({k: name for k in shard})
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+
+
+def _vision_file(path):
+    path = Path(path)
+    if path.is_file():
+        return path
+    for name in ("open_clip_pytorch_model.bin", "open_clip_model.safetensors", "pytorch_model.bin"):
+        if (path / name).is_file():
+            return path / name
+    raise CheckpointError(f"{path}: no vision checkpoint (looked for open_clip_pytorch_model.bin, "
+                          f"open_clip_model.safetensors, pytorch_model.bin)")
+
+
+def load_vision_tower(path_or_repo, dtype=torch.float32, num_heads=None, revision=None):
+    """An open_clip checkpoint (BiomedCLIP, or LLaVA-Rad's BiomedCLIP-CXR) -> VisionTransformer.
+    Accepts a `state_dict` wrapper and a DDP `module.` prefix; keeps the `visual.trunk.` tensors.
+    The head count is the one thing the shapes do not show: width / 64 unless num_heads is given."""
+    f = _vision_file(resolve_path(path_or_repo, revision, ["*.json", "*.bin", "*.safetensors"]))
+    sd = load_tensors(f)
+    if "state_dict" in sd and isinstance(sd["state_dict"], dict):
+        sd = sd["state_dict"]
+    prefix = "visual.trunk."
+    trunk = {}
+    for k, v in sd.items():
+        k = k[len("module."):] if k.startswith("module.") else k
+        if k.startswith(prefix):
+            trunk[k[len(prefix):]] = v
+    if not trunk:
+        raise CheckpointError(f"{f}: no '{prefix}*' tensors (is this an open_clip ViT checkpoint?)")
+    if "cls_token" in trunk and num_heads is not None:
+        cfg = VisionConfig.from_state_dict(trunk, head_dim=trunk["cls_token"].shape[-1] // num_heads, source=str(f))
+    else:
+        cfg = VisionConfig.from_state_dict(trunk, source=str(f))
+    with torch.device("meta"):
+        vit = VisionTransformer(cfg)
+    assign_checkpoint(vit, _cast(trunk, dtype), str(f))
+    return vit.requires_grad_(False)
+
+
+def load_projector(projector, path):
+    """Fill an mm_projector from `mm_projector.bin` or LLaVA-Rad's `non_lora_trainables.bin`:
+    any key ending in `mm_projector.{0,2}.{weight,bias}`, whatever its prefix."""
+    sd = load_tensors(path)
+    found = {k.split("mm_projector.", 1)[1]: v for k, v in sd.items() if "mm_projector." in k}
+    if not found:
+        raise CheckpointError(f"{path}: no 'mm_projector.*' keys (found: {_list(sd)})")
+    dtype = projector[0].weight.dtype
+    assign_checkpoint(projector, _cast(found, dtype), str(path))
+    return projector
+
+
+def load_llava(llm_path, vision_path, projector_path=None, dtype=torch.float32, device="cpu",
+               vision_heads=None):
+    """Vicuna + BiomedCLIP tower (+ a trained projector) -> LlavaModel, one copy of each weight."""
+    llm = load_llama(llm_path, dtype=dtype, device=device)
+    vit = load_vision_tower(vision_path, dtype=dtype, num_heads=vision_heads).to(device)
+    with torch.device("meta"):
+        model = LlavaModel(llm.config, vit.config)
+    model.llm, model.vision_tower = llm, vit
+    model.mm_projector = build_projector(vit.config.width, llm.config.hidden_size).to(device=device, dtype=dtype)
+    if projector_path is not None:
+        load_projector(model.mm_projector, projector_path)
+    return model
+
+
+# ----------------------------------------------------------------------------------------------
+# Tokenizer and the Vicuna "v1" conversation template
+
+SYSTEM_PROMPT = ("A chat between a curious user and an artificial intelligence assistant. "
+                 "The assistant gives helpful, detailed, and polite answers to the user's questions.")
+
+
+def load_tokenizer(path):
+    """A `tokenizers` tokenizer.json (file or folder). Vicuna ships only the SentencePiece
+    tokenizer.model; its vocabulary is Llama-2's, whose tokenizer.json is published e.g. in
+    hf-internal-testing/llama-tokenizer — put that file next to the weights."""
+    from tokenizers import Tokenizer
+    p = Path(path)
+    if p.is_dir():
+        if not (p / "tokenizer.json").is_file():
+            hint = " (only tokenizer.model found: use Llama-2's tokenizer.json, see README)" \
+                if (p / "tokenizer.model").is_file() else ""
+            raise FileNotFoundError(f"{p}: no tokenizer.json{hint}")
+        p = p / "tokenizer.json"
+    if not p.is_file():
+        raise FileNotFoundError(f"{p}: tokenizer file not found")
+    return Tokenizer.from_file(str(p))
+
+
+def conversation_prompt(question, answer=None, system=SYSTEM_PROMPT):
+    """LLaVA's "v1" template (sep " ", sep2 "</s>"): `{system} USER: {question} ASSISTANT:`,
+    followed by ` {answer}</s>` for a training example."""
+    prompt = f"{system} USER: {question} ASSISTANT:"
+    return prompt if answer is None else f"{prompt} {answer}</s>"
+
+
+def tokenize_with_image(tokenizer, text):
+    """Token ids with `<image>` -> IMAGE_TOKEN_INDEX. As LLaVA does: encode each chunk between
+    `<image>` markers on its own (with special tokens), keep the BOS of the first chunk only."""
+    bos = tokenizer.token_to_id("<s>")
+    ids = []
+    for i, chunk in enumerate(text.split(DEFAULT_IMAGE_TOKEN)):
+        enc = tokenizer.encode(chunk).ids
+        if i > 0:
+            ids.append(IMAGE_TOKEN_INDEX)
+            if enc and enc[0] == bos:
+                enc = enc[1:]
+        ids.extend(enc)
+    return ids
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def tiny_llava(seed=0, llm=None, vision=None):
+    """A random tiny LLaVA for tests and the smoke demo."""
+    torch.manual_seed(seed)
+    return LlavaModel(llm or LlamaConfig.tiny(), vision or VisionConfig.tiny())
+
+
+if __name__ == "__main__":
+    import time
+    t0 = time.time()
+    model = tiny_llava().eval()
+    n = sum(p.numel() for p in model.parameters())
+    pixels = torch.randn(2, 3, 32, 32)
+    prompts = [[1, 5, 6, IMAGE_TOKEN_INDEX, 7, 8, 9], [1, 10, IMAGE_TOKEN_INDEX, 11]]
+    out = generate(model, prompts, pixels, max_new_tokens=12, eos_token_id=-1)
+    print(f"tiny random LLaVA ({n:,} parameters): forward + greedy generation of 12 tokens per prompt")
+    for p, o in zip(prompts, out):
+        print(f"  prompt {p} -> {o}")
+    print(f"done in {time.time() - t0:.2f}s (random weights: the tokens are meaningless; "
+          f"train.py is the real demo once it exists)")
