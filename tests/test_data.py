@@ -1,0 +1,396 @@
+"""Data (data.py): attribute codes, label masking, images, batches, the resampling/reweighting
+baselines, bad input, and the synthetic benchmark (determinism, planted shortcut, pixel leak)."""
+
+import csv
+import json
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from tokenizers import Tokenizer, models, pre_tokenizers, processors
+
+import data
+from data import (ATTRIBUTES, CLIP_MEAN, CLIP_STD, DataError, GroupBalancedSampler, ImageProcessor,
+                  ReportDataset, SyntheticConfig, collate, encode_example, extract_findings, group_labels,
+                  inverse_frequency_weights, make_synthetic, read_llava_json)
+from model import IGNORE_INDEX, IMAGE_TOKEN_INDEX, SYSTEM_PROMPT, conversation_prompt, load_tokenizer, tokenize_with_image
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    splits = make_synthetic(out, SyntheticConfig(n_train=600, n_val=8, n_test=300, seed=0))
+    return out, splits
+
+
+@pytest.fixture(scope="module")
+def demo_tok(demo):
+    return load_tokenizer(demo[0])
+
+
+# ---------------------------------------------------------------------------------------------
+# Attribute codes
+
+
+def test_attribute_encodings():
+    assert [data.encode_race(r) for r in ("White", "black", "asian", "hispanic", "other",
+                                          "american indian/alaska native", "native hawaiian/pacific islander",
+                                          "unknown", "declined", "")] == [0, 1, 2, 3, 4, 5, 6, 7, 7, 7]
+    assert data.encode_race("unknown", unknown_race="mask") == -1 and data.encode_race("", "mask") == -1
+    assert [data.encode_gender(g) for g in ("M", "F", "male", "Female")] == [0, 1, 0, 1]
+    # MIMIC bins [0,44], (44,65], (65,inf); HAM cut-offs 45 / 66
+    assert [data.age_group(a) for a in (0, 44, 44.5, 65, 65.5, 90)] == [0, 0, 1, 1, 2, 2]
+    assert [data.age_group(a, "ham") for a in (40, 44.5, 45, 65, 66, 85)] == [0, 0, 1, 1, 2, 2]
+    assert [data.race_major(r) for r in ("WHITE - RUSSIAN", "BLACK/AFRICAN AMERICAN", "ASIAN - CHINESE",
+                                         "HISPANIC/LATINO - PUERTO RICAN", "UNABLE TO OBTAIN",
+                                         "PATIENT DECLINED TO ANSWER", "MULTIPLE RACE/ETHNICITY", "")] == \
+        ["white", "black", "asian", "hispanic", "unknown", "unknown", "other", "unknown"]
+    assert {a: s.num_classes for a, s in ATTRIBUTES.items()} == {"race": 9, "age": 3, "gender": 2}
+    for bad, fn in (("martian", data.encode_race), ("X", data.encode_gender), ("nan", data.age_group),
+                    (None, data.age_group), ("3", data.encode_age_group)):
+        with pytest.raises(ValueError):
+            fn(bad)
+
+
+# ---------------------------------------------------------------------------------------------
+# Prompt and labels
+
+
+def word_tokenizer(words):
+    """A word-level tokenizer with known ids: <unk> 0, <s> 1, </s> 2, then `words` from 3."""
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(["<unk>", "<s>", "</s>"] + words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.add_special_tokens(["<unk>", "<s>", "</s>"])
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return tok
+
+
+def test_label_masking_worked_example():
+    # USER: 3, ASSISTANT: 4, Describe. 5, Clear 6, lungs. 7; the system prompt's words are all <unk> 0
+    tok = word_tokenizer(["USER:", "ASSISTANT:", "Describe.", "Clear", "lungs."])
+    n = len(SYSTEM_PROMPT.split())
+    ids, labels = encode_example(tok, "<image>\nDescribe.", "Clear lungs.")
+    #            BOS  system     USER: <image>  Describe. ASSISTANT: Clear lungs. </s>
+    assert ids == [1] + [0] * n + [3, IMAGE_TOKEN_INDEX, 5, 4, 6, 7, 2]
+    assert labels == [IGNORE_INDEX] * (1 + n + 4) + [6, 7, 2]
+    # truncation keeps the start (and the image sentinel), cutting the answer's tail
+    ids, labels = encode_example(tok, "<image>\nDescribe.", "Clear lungs.", max_length=n + 6)
+    assert ids == [1] + [0] * n + [3, IMAGE_TOKEN_INDEX, 5, 4, 6] and labels[-1] == 6 and len(labels) == n + 6
+    with pytest.raises(DataError, match="cuts off the image sentinel"):
+        encode_example(tok, "<image>\nDescribe.", "Clear lungs.", max_length=n + 1, item_id="x1")
+
+
+def test_labels_with_demo_tokenizer_match_full_conversation(demo, demo_tok):
+    _, splits = demo
+    for item in splits["train"][:30]:
+        q, a = item["conversations"][0]["value"], item["conversations"][1]["value"]
+        ids, labels = encode_example(demo_tok, q, a)
+        prompt = tokenize_with_image(demo_tok, conversation_prompt(q))
+        assert ids == tokenize_with_image(demo_tok, conversation_prompt(q, a))
+        assert ids[:len(prompt)] == prompt and ids[0] == 1 and ids[-1] == 2 and ids.count(IMAGE_TOKEN_INDEX) == 1
+        assert 0 not in ids  # no <unk>: the alphabet covers the text
+        assert labels[:len(prompt)] == [IGNORE_INDEX] * len(prompt) and labels[len(prompt):] == ids[len(prompt):]
+        # the supervised part is the answer encoded on its own (leading space, no BOS) + </s>
+        assert labels[len(prompt):-1] == demo_tok.encode(" " + a, add_special_tokens=False).ids
+        assert demo_tok.decode(labels[len(prompt):-1]) == a
+
+
+def test_tokenizer_that_merges_across_the_boundary_is_refused():
+    # "ASSISTANT: Clear" as one word-level token: the prompt is then not a prefix of the conversation
+    tok = word_tokenizer(["USER:", "ASSISTANT:", "Describe."])
+    tok.add_tokens([": Clear"])
+    with pytest.raises(DataError, match="item 'z9'"):
+        encode_example(tok, "<image>\nDescribe.", "Clear", item_id="z9")
+
+
+# ---------------------------------------------------------------------------------------------
+# Images
+
+
+def test_image_processor_normalises_grayscale_rgb_and_16bit():
+    mean, std = torch.tensor(CLIP_MEAN).view(3, 1, 1), torch.tensor(CLIP_STD).view(3, 1, 1)
+    gray = Image.fromarray(np.full((20, 40), 128, np.uint8))  # non-square grayscale
+    x = ImageProcessor(size=16)(gray)
+    assert x.shape == (3, 16, 16) and x.dtype == torch.float32
+    torch.testing.assert_close(x, ((128 / 255 - mean) / std).expand(3, 16, 16))
+    rgb = Image.fromarray(np.tile(np.array([255, 0, 51], np.uint8), (12, 12, 1)))
+    torch.testing.assert_close(ImageProcessor(size=8)(rgb), ((torch.tensor([1.0, 0.0, 0.2]).view(3, 1, 1) - mean) / std).expand(3, 8, 8))
+    deep = Image.fromarray(np.full((10, 10), 4095, np.uint16))  # 12-bit values in a 16-bit PNG
+    torch.testing.assert_close(ImageProcessor(size=4)(deep), ((1 - mean) / std).expand(3, 4, 4))
+
+
+def test_image_processor_center_crops_the_long_side():
+    a = np.zeros((10, 30), np.uint8)
+    a[:, 10:20] = 255  # only the middle third is white
+    x = ImageProcessor(size=10, mean=(0, 0, 0), std=(1, 1, 1))(Image.fromarray(a))
+    torch.testing.assert_close(x, torch.ones(3, 10, 10))
+    a = np.zeros((30, 10), np.uint8)  # tall image: the crop is vertical
+    a[10:20] = 255
+    torch.testing.assert_close(ImageProcessor(size=10, mean=(0, 0, 0), std=(1, 1, 1))(Image.fromarray(a)), torch.ones(3, 10, 10))
+
+
+# ---------------------------------------------------------------------------------------------
+# Dataset and batch
+
+
+def test_dataset_and_collate_produce_the_batch_format(demo, demo_tok):
+    out, _ = demo
+    recs = read_llava_json(out / "train.json")[:3]
+    ds = ReportDataset(recs, demo_tok, ImageProcessor(size=32), sample_weights=[0.5, 1.0, 1.5])
+    items = [ds[i] for i in range(3)]
+    b = collate(items, pad_id=0)
+    assert set(b) == {"input_ids", "attention_mask", "labels", "pixel_values", "attrs", "ids", "sample_weight"}
+    lengths = [len(it["input_ids"]) for it in items]
+    T = max(lengths)
+    assert b["input_ids"].shape == b["labels"].shape == b["attention_mask"].shape == (3, T)
+    assert b["pixel_values"].shape == (3, 3, 32, 32) and b["ids"] == [r["id"] for r in recs]
+    for i, n in enumerate(lengths):
+        assert b["attention_mask"][i].tolist() == [1] * n + [0] * (T - n)
+        assert b["input_ids"][i, n:].eq(0).all() and b["labels"][i, n:].eq(IGNORE_INDEX).all()
+        assert b["input_ids"][i, :n].tolist() == items[i]["input_ids"].tolist()
+    for a in ATTRIBUTES:
+        assert b["attrs"][a].dtype == torch.long and b["attrs"][a].tolist() == [r["attrs"][a] for r in recs]
+    assert b["sample_weight"].tolist() == [0.5, 1.0, 1.5]
+    assert "sample_weight" not in collate([ReportDataset(recs, demo_tok, ImageProcessor(size=32))[0]])
+
+
+# ---------------------------------------------------------------------------------------------
+# Baselines: resampling and reweighting
+
+
+def test_group_balanced_sampler_makes_groups_uniform():
+    groups = [(0,)] * 700 + [(1,)] * 200 + [(2,)] * 100
+    s = GroupBalancedSampler(groups, num_samples=30000, seed=0)
+    # exactly uniform in expectation: each group's total draw probability is 1/3
+    p = s.p / s.p.sum()
+    for g in range(3):
+        assert abs(sum(p[i].item() for i in range(1000) if groups[i] == (g,)) - 1 / 3) < 1e-9
+    freq = Counter(groups[i] for i in s)
+    assert all(abs(freq[(g,)] / 30000 - 1 / 3) < 0.02 for g in range(3)), freq  # vs 0.7/0.2/0.1 unbalanced
+
+
+def test_group_balanced_sampler_distributed_shares_are_disjoint():
+    groups = [(0,)] * 80 + [(1,)] * 20
+    ranks = [GroupBalancedSampler(groups, num_samples=100, rank=r, world_size=3, seed=3) for r in range(3)]
+    shares = [list(s) for s in ranks]
+    assert [len(s) for s in ranks] == [len(x) for x in shares] == [34, 34, 34]  # 100 padded to 102
+    merged = [shares[i % 3][i // 3] for i in range(102)]  # interleave back: one draw, split by position
+    assert merged == list(GroupBalancedSampler(groups, num_samples=102, seed=3))
+    ranks[0].set_epoch(1)
+    assert list(ranks[0]) != shares[0] and list(ranks[0]) == list(ranks[0])
+    with pytest.raises(ValueError, match="rank 3"):
+        GroupBalancedSampler(groups, rank=3, world_size=3)
+
+
+def test_inverse_frequency_weights_and_joint_groups():
+    w = inverse_frequency_weights([("a",), ("a",), ("a",), ("b",)])
+    torch.testing.assert_close(w, torch.tensor([2 / 3, 2 / 3, 2 / 3, 2.0]))  # N / (G n_g): 4/(2*3), 4/(2*1)
+    recs = [dict(attrs=dict(race=r, age=0, gender=g)) for r, g in ((0, 0), (0, 0), (0, 1), (1, 0), (1, 0), (1, 0))]
+    joint = group_labels(recs, ("race", "gender"))
+    assert joint == [(0, 0), (0, 0), (0, 1), (1, 0), (1, 0), (1, 0)] and group_labels(recs, "race")[3] == (1,)
+    w = inverse_frequency_weights(joint)  # 3 groups, sizes 2, 1, 3: each carries total weight 6/3 = 2
+    assert abs(w.mean().item() - 1) < 1e-6
+    for g in set(joint):
+        assert abs(sum(wi for wi, k in zip(w.tolist(), joint) if k == g) - 2) < 1e-6
+    with pytest.raises(KeyError, match="ethnicity"):
+        group_labels(recs, ("race", "ethnicity"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input: clear errors naming the item and the field, or skipped and counted
+
+
+def write_set(tmp_path, spoil=None):
+    """Three MIMIC items with real images; `spoil` edits the last one ("bad_2")."""
+    (tmp_path / "img").mkdir(exist_ok=True)
+    items = []
+    for i in range(3):
+        Image.fromarray(np.full((8, 8), 40 * i, np.uint8)).save(tmp_path / "img" / f"{i}.png")
+        items.append(dict(id=f"ok_{i}" if i < 2 else "bad_2", image=f"img/{i}.png", race_major="white",
+                          anchor_age_group=1, gender="F",
+                          conversations=[{"from": "human", "value": "<image>\nDescribe."}, {"from": "gpt", "value": "Clear."}]))
+    if spoil:
+        spoil(items[2], tmp_path)
+    (tmp_path / "set.json").write_text(json.dumps(items))
+    return tmp_path / "set.json"
+
+
+def garbage_image(item, root):
+    (root / "img" / "2.png").write_bytes(b"not an image at all")
+
+
+BAD = {
+    "missing image file": (lambda it, root: it.update(image="img/missing.png"), "image", "no such file"),
+    "unreadable image": (garbage_image, "image", "unreadable"),
+    "missing demographic": (lambda it, root: it.pop("gender"), "gender", "missing"),
+    "unknown race": (lambda it, root: it.update(race_major="martian"), "race_major", "unknown race"),
+    "unknown gender": (lambda it, root: it.update(gender="X"), "gender", "unknown gender"),
+    "bad age group": (lambda it, root: it.update(anchor_age_group=5), "anchor_age_group", "not 0, 1 or 2"),
+    "empty answer": (lambda it, root: it["conversations"][1].update(value="  "), "conversations", "empty answer"),
+    "no gpt turn": (lambda it, root: it["conversations"].pop(), "conversations", "empty answer"),
+    "duplicate id": (lambda it, root: it.update(id="ok_0"), "id", "duplicate"),
+}
+
+
+@pytest.mark.parametrize("case", BAD)
+def test_bad_item_raises_naming_item_and_field(tmp_path, case, capsys):
+    spoil, field, problem = BAD[case]
+    path = write_set(tmp_path, spoil)
+    with pytest.raises(DataError) as e:
+        read_llava_json(path)
+    item_id = "ok_0" if case == "duplicate id" else "bad_2"
+    assert f"item {item_id!r}" in str(e.value) and f"field {field!r}" in str(e.value) and problem in str(e.value)
+    recs = read_llava_json(path, on_error="skip")  # the flag: dropped and counted in one line
+    assert [r["id"] for r in recs] == ["ok_0", "ok_1"]
+    assert f"skipped 1 of 3 items ({field} 1)" in capsys.readouterr().out
+
+
+def test_good_set_reads_and_unknown_names_are_refused(tmp_path):
+    path = write_set(tmp_path)
+    recs = read_llava_json(path)
+    assert recs[0]["attrs"] == dict(race=0, age=1, gender=1) and recs[0]["answer"] == "Clear."
+    assert recs[0]["question"] == "<image>\nDescribe." and recs[0]["image"] == str(tmp_path / "img" / "0.png")
+    with pytest.raises(ValueError, match="unknown dataset 'chexpert'"):
+        read_llava_json(path, dataset="chexpert")
+    (tmp_path / "img" / "0.png").unlink()  # vanished after validation: still a clear error, with the id
+    with pytest.raises(DataError, match="item 'ok_0': field 'image'"):
+        data.load_image(recs[0]["image"], recs[0]["id"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Real formats: PadChest / HAM10000 items and the CSV converters
+
+
+def write_csv(path, rows):
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+
+
+def test_converters_and_readers_for_the_three_formats(tmp_path, capsys):
+    for name in ("ISIC_1", "ISIC_2", "ISIC_3", "ISIC_4", "p1.png", "p2.png", "d1.jpg"):
+        Image.fromarray(np.zeros((6, 6, 3), np.uint8)).save(tmp_path / (name if "." in name else name + ".jpg"))
+    # HAM10000_metadata.csv: unknown sex and empty age are dropped
+    write_csv(tmp_path / "ham.csv", [
+        dict(lesion_id="L1", image_id="ISIC_1", dx="mel", dx_type="histo", age="45.0", sex="male", localization="back"),
+        dict(lesion_id="L2", image_id="ISIC_2", dx="nv", dx_type="histo", age="", sex="female", localization="face"),
+        dict(lesion_id="L3", image_id="ISIC_3", dx="bkl", dx_type="histo", age="70.0", sex="unknown", localization="ear"),
+        dict(lesion_id="L4", image_id="ISIC_4", dx="df", dx_type="histo", age="30.0", sex="female", localization="leg")])
+    data.ham_csv_to_json(tmp_path / "ham.csv", tmp_path / "ham.json")
+    assert "wrote 2 of 4 rows" in capsys.readouterr().out
+    recs = read_llava_json(tmp_path / "ham.json", dataset="ham")
+    assert [(r["id"], r["answer"], r["attrs"]) for r in recs] == [
+        ("ISIC_1", "melanoma", dict(race=-1, age=1, gender=0)), ("ISIC_4", "dermatofibroma", dict(race=-1, age=0, gender=1))]
+    # raw PadChest / HAM items without "conversations"
+    (tmp_path / "raw.json").write_text(json.dumps([dict(id="p1", image="p1.png", Age=70, gender="M",
+                                                        FINDINGS="Cardiomegaly.", INDICATION="Dyspnea")]))
+    (r,) = read_llava_json(tmp_path / "raw.json", dataset="padchest")
+    assert r["answer"] == "Cardiomegaly." and r["question"].endswith("indication: Dyspnea") and r["attrs"]["age"] == 2
+    # PadChest CSV: age from PatientBirth and StudyDate_DICOM; lateral views are dropped
+    write_csv(tmp_path / "pc.csv", [
+        dict(ImageID="p1.png", Projection="PA", FINDINGS="Normal.", INDICATION="", PatientBirth="1950.0",
+             StudyDate_DICOM="20140717", PatientSex_DICOM="F"),
+        dict(ImageID="p2.png", Projection="L", FINDINGS="Normal.", INDICATION="", PatientBirth="1950.0",
+             StudyDate_DICOM="20140717", PatientSex_DICOM="F")])
+    data.padchest_csv_to_json(tmp_path / "pc.csv", tmp_path / "pc.json")
+    (r,) = read_llava_json(tmp_path / "pc.json", dataset="padchest")
+    assert r["attrs"] == dict(race=-1, age=1, gender=1) and r["question"].endswith("in the radiology image.")
+    # MIMIC: joined metadata CSV -> official fields (anchor_age_group, gender, race_major)
+    write_csv(tmp_path / "mimic.csv", [
+        dict(dicom_id="d1", subject_id="10000032", study_id="5", ViewPosition="PA", findings="No effusion.",
+             indication="Cough", anchor_age="52", gender="F", race="BLACK/AFRICAN AMERICAN", path="d1.jpg"),
+        dict(dicom_id="d2", subject_id="10000032", study_id="5", ViewPosition="LATERAL", findings="x",
+             indication="", anchor_age="52", gender="F", race="WHITE", path=""),
+        dict(dicom_id="d3", subject_id="10000033", study_id="6", ViewPosition="AP", findings="",
+             indication="", anchor_age="52", gender="F", race="WHITE", path="")])
+    (item,) = data.mimic_csv_to_json(tmp_path / "mimic.csv", tmp_path / "mimic.json")
+    assert (item["anchor_age_group"], item["gender"], item["race_major"]) == (1, "F", "black")
+    assert "dropped: view 1, empty findings 1" in capsys.readouterr().out
+    (r,) = read_llava_json(tmp_path / "mimic.json")
+    assert r["attrs"] == dict(race=1, age=1, gender=1) and r["answer"] == "No effusion."
+
+
+# ---------------------------------------------------------------------------------------------
+# Synthetic benchmark
+
+
+def test_generator_is_deterministic(tmp_path):
+    cfg = SyntheticConfig(n_train=6, n_val=2, n_test=4, seed=7)
+    make_synthetic(tmp_path / "a", cfg)
+    make_synthetic(tmp_path / "b", cfg)
+    make_synthetic(tmp_path / "c", SyntheticConfig(n_train=6, n_val=2, n_test=4, seed=8))
+    files = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*") if p.is_file())
+    assert len(files) == 3 + 12 + 1
+    for f in files:
+        assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes(), f
+    assert (tmp_path / "a" / "train.json").read_bytes() != (tmp_path / "c" / "train.json").read_bytes()
+
+
+def test_generated_set_reads_back_and_reports_match_their_findings(demo):
+    out, splits = demo
+    for split, items in splits.items():
+        recs = read_llava_json(out / f"{split}.json", decode_images=True)
+        assert len(recs) == len(items) and all(r["attrs"]["race"] in (0, 1, 2, 3) for r in recs)
+        for it in items:
+            report = it["conversations"][1]["value"]
+            assert extract_findings(report) == it["findings_labels"], report
+            assert 15 <= len(report.split()) <= 80
+    assert len({it["conversations"][1]["value"] for it in splits["train"]}) > 300  # varied, not a handful of templates
+    with Image.open(out / splits["test"][0]["image"]) as img:
+        assert img.mode == "L" and img.size == (64, 64)
+
+
+def rates(items, finding, attr):
+    key = dict(race="race_major", age="anchor_age_group", gender="gender")[attr]
+    out = {}
+    for it in items:
+        out.setdefault(it[key], []).append(it["findings_labels"][finding])
+    return {k: float(np.mean(v)) for k, v in out.items()}
+
+
+def test_shortcut_is_planted_in_train_and_broken_in_test(demo):
+    _, splits = demo
+    train, test = splits["train"], splits["test"]
+    race = Counter(it["race_major"] for it in train)
+    assert race["white"] > 0.5 * len(train) and race["hispanic"] < 0.15 * len(train)  # imbalance
+    assert all(60 <= c <= 90 for c in Counter(it["race_major"] for it in test).values())  # balanced test
+    tr, te = rates(train, "cardiomegaly", "race"), rates(test, "cardiomegaly", "race")
+    assert tr["black"] - tr["white"] > 0.2 and abs(te["black"] - te["white"]) < 0.1
+    tr, te = rates(train, "effusion", "age"), rates(test, "effusion", "age")
+    assert tr[2] - tr[0] > 0.2 and abs(te[2] - te[0]) < 0.1
+    # cross-attribute dependency: hispanic patients are younger in train only
+    young = lambda items, r: np.mean([it["anchor_age_group"] == 0 for it in items if it["race_major"] == r])
+    assert young(train, "hispanic") - young(train, "white") > 0.2 and abs(young(test, "hispanic") - young(test, "white")) < 0.15
+
+
+def pixels(out, items):
+    # raw pixels, 2x2 average-pooled to 32x32 (the scale the demo's ViT sees)
+    return np.stack([np.asarray(data.load_image(out / it["image"]), np.float32).reshape(32, 2, 32, 2).mean((1, 3)).ravel() / 255
+                     for it in items])
+
+
+def test_linear_probe_on_raw_pixels_reads_the_planted_demographics(demo):
+    out, splits = demo
+    Xtr, Xte = pixels(out, splits["train"]), pixels(out, splits["test"])
+    mu, sd = Xtr.mean(0), Xtr.std(0) + 1e-6
+    Xtr, Xte = (Xtr - mu) / sd, (Xte - mu) / sd
+    for attr, key, k, least in (("race", lambda it: data.RACES.index(it["race_major"]), 4, 0.6),
+                                ("age", lambda it: it["anchor_age_group"], 3, 0.55),
+                                ("gender", lambda it: "MF".index(it["gender"]), 2, 0.8)):
+        ytr, yte = np.array([key(it) for it in splits["train"]]), np.array([key(it) for it in splits["test"]])
+        # ridge regression onto one-hot targets, solved in its dual form (600 x 600)
+        Y = np.eye(k)[ytr]
+        W = Xtr.T @ np.linalg.solve(Xtr @ Xtr.T + 100 * np.eye(len(Xtr)), Y - Y.mean(0))
+        pred = (Xte @ W).argmax(1)
+        balanced = np.mean([(pred[yte == c] == c).mean() for c in range(k)])  # chance = 1 / k on the test split
+        assert balanced > least, (attr, balanced)
+
+
+def test_make_demo_command_prints_group_counts(tmp_path, capsys):
+    data.main(["--make-demo", str(tmp_path / "d"), "--n-train", "30", "--n-val", "5", "--n-test", "12"])
+    text = capsys.readouterr().out
+    assert "train  n=   30  race: white" in text and "test   n=   12" in text and "gender: " in text
+    assert "cardiomegaly rate by race" in text and (tmp_path / "d" / "tokenizer.json").is_file()
