@@ -1,0 +1,591 @@
+"""
+Evaluation for FairLLaVA: generate reports, score them overall and per demographic group, and
+write the paper's equity-scaled table.
+
+Follows the paper's evaluation ("Equity-Scaled Metric (ES-M)" and the experiments): every metric M
+is computed on the whole test set and on each group g of an attribute a (race, age, gender); the gap is
+Delta_a = max_g M_g - min_g M_g and the headline number is ES-M_a = M_all / (1 + Delta_a), so a
+model that is equally poor for everyone does not look fair. The metrics themselves (BLEU-1/4,
+ROUGE-L, the rule-based CheXpert-style F1 standing in for CheXbert-F1, HAM10000 accuracy,
+macro-F1, balanced accuracy) live in metrics.py; this file matches predictions to the test set,
+names the groups, and lays the numbers out.
+
+Four parts:
+1. `generate_predictions`: batched greedy decoding with the KV cache, one JSONL line per report,
+   flushed as it goes, so a killed run picks up where it stopped.
+2. `score`: overall and per-group numbers with bootstrap intervals, for predictions from this
+   model or from any other system (the official code's outputs included), matched by id.
+3. `attribute_probe`: a fresh linear probe on the pooled hidden state h (fairness.py pooling):
+   how much race / age / gender the representation still gives away, the leak FairLLaVA's DIM
+   term is meant to remove (the paper's motivation: images leak demographics, Gichoya et al.).
+4. `write_outputs` / `compare_markdown`: results.json, a Markdown table laid out like the paper's,
+   and a bar chart of the group scores (groups.png, drawn with Pillow).
+
+    # a model: base LLM + vision tower + projector (+ a PEFT LoRA adapter, merged for speed)
+    python evaluate.py --llm vicuna-7b-v1.5 --vision BiomedCLIP --projector run/mm_projector.bin \\
+        --adapter run/adapter --test-json test.json --out eval/fairllava
+    # any system's predictions (JSONL with "id" and "prediction"), no model needed
+    python evaluate.py --predictions preds.jsonl --test-json test.json --out eval/other
+
+Predictions from other systems: a JSONL line needs an id ("id" or LLaVA's "question_id") and the text
+("prediction", "text", "pred" or "output"); references always come from the test JSON.
+What is left out: RadGraph-F1, CheXbert-F1 and GREEN need large learned models (see metrics.py for
+how the rule-based F1 differs); sampling-based decoding is not exposed on the command line; two
+runs writing the same predictions file at once are not guarded against.
+"""
+
+import argparse
+import json
+import math
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import metrics
+from data import ATTRIBUTES, DATASETS, UNKNOWN, ImageProcessor, ReportDataset, collate, load_image, read_llava_json
+from fairness import pool_hidden, token_mask
+from lora import load_peft_adapter, merge_lora
+from model import conversation_prompt, generate, load_llava, load_tokenizer, tokenize_with_image
+
+# The metrics of each data set, and which of them make the paper's equity-scaled table and the chart.
+# short column name -> metric name. The paper's clinical column is RadGraph-F1 (MIMIC main table) and
+# CheXbert-F1 (comparison with Chen et al.); ours is the rule-based CheXpert-style micro-F1 over the
+# 14 observations, which needs no weights.
+HEADLINE = {
+    "mimic": {"BLEU1": "BLEU-1", "BLEU4": "BLEU-4", "F1": "CheXpert-F1 (micro)"},
+    "padchest": {"BLEU1": "BLEU-1", "BLEU4": "BLEU-4", "F1": "CheXpert-F1 (micro)"},
+    "ham": {"Acc": "Accuracy", "F1": "Macro-F1", "BAcc": "Balanced accuracy"},
+}
+CHART = {"mimic": ("BLEU-4", "CheXpert-F1 (micro)"), "padchest": ("BLEU-4", "CheXpert-F1 (micro)"),
+         "ham": ("Accuracy", "Macro-F1")}
+SHORT = {"race": "R", "age": "A", "gender": "G"}  # the paper's column suffixes
+
+
+def dataset_metrics(dataset):
+    if dataset not in HEADLINE:
+        raise ValueError(f"unknown dataset {dataset!r}; choose from {sorted(HEADLINE)}")
+    return metrics.ham_metrics() if dataset == "ham" else metrics.report_metrics()
+
+
+def recorded_attributes(dataset):
+    """The attributes a data set records (HAM10000 and PadChest have no race)."""
+    return tuple(a for a in ATTRIBUTES if DATASETS[dataset][a] is not None)
+
+
+# ----------------------------------------------------------------------------------------------
+# Predictions: generation and the resumable JSONL file
+
+# field names other systems use for the same thing (LLaVA's model_vqa writes question_id / text)
+ID_KEYS = ("id", "question_id")
+PREDICTION_KEYS = ("prediction", "text", "pred", "output")
+
+
+def _parse_line(line, where):
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{where}: not valid JSON ({e})") from None
+    item_id = next((row[k] for k in ID_KEYS if isinstance(row, dict) and k in row), None)
+    pred = next((row[k] for k in PREDICTION_KEYS if isinstance(row, dict) and k in row), None)
+    if item_id is None or not isinstance(pred, str):
+        raise ValueError(f"{where}: needs an id ({'/'.join(ID_KEYS)}) and a prediction string "
+                         f"({'/'.join(PREDICTION_KEYS)}), got keys {sorted(row) if isinstance(row, dict) else row!r}")
+    return {"id": str(item_id), "prediction": pred, **({"reference": row["reference"]} if "reference" in row else {})}
+
+
+def read_predictions(path):
+    """A predictions JSONL file -> [{id, prediction[, reference]}]; blank lines are skipped."""
+    with open(path, encoding="utf-8") as f:
+        return [_parse_line(line, f"{path}:{n}") for n, line in enumerate(f, 1) if line.strip()]
+
+
+def _resume(out_jsonl):
+    """The predictions already in out_jsonl, by id (first one wins). A run killed in the middle of a
+    write leaves a last line without its newline: it is cut off here, and regenerated."""
+    path = Path(out_jsonl)
+    if not path.exists():
+        return {}
+    text = path.read_text(encoding="utf-8")
+    complete = text[:text.rfind("\n") + 1]  # everything up to the last newline
+    if len(complete) != len(text):
+        with open(path, "r+", encoding="utf-8") as f:
+            f.truncate(len(complete.encode("utf-8")))
+    done = {}
+    for n, line in enumerate(complete.splitlines(), 1):
+        if line.strip():
+            row = _parse_line(line, f"{path}:{n}")
+            done.setdefault(row["id"], row)
+    return done
+
+
+@torch.no_grad()
+def generate_predictions(model, tokenizer, records, image_processor, out_jsonl, batch_size=16,
+                         max_new_tokens=256, desc="generate"):
+    """Greedy reports for `records`, appended to out_jsonl as {"id", "prediction", "reference"},
+    one flushed line per report. Ids already in the file are not generated again (resume). Returns
+    the predictions of `records`, in their order; lines of other ids in the file are left alone."""
+    eos = tokenizer.token_to_id("</s>")
+    if eos is None:
+        raise ValueError("the tokenizer has no '</s>' token: generation would never stop")
+    model.eval()
+    done = _resume(out_jsonl)
+    todo = [r for r in records if r["id"] not in done]
+    prompts = {r["id"]: tokenize_with_image(tokenizer, conversation_prompt(r["question"])) for r in todo}
+    # similar lengths in a batch waste less compute on padding; longest first, so a batch that
+    # does not fit in memory fails at the start of the run, not at the end
+    todo.sort(key=lambda r: -len(prompts[r["id"]]))
+    device = next(model.parameters()).device
+    pixel_dtype = next(model.vision_tower.parameters()).dtype
+    pad_id = model.llm.config.pad_token_id
+    Path(out_jsonl).parent.mkdir(parents=True, exist_ok=True)
+    with open(out_jsonl, "a", encoding="utf-8") as f, \
+            tqdm(total=len(records), initial=len(records) - len(todo), desc=desc, unit="report") as bar:
+        for i in range(0, len(todo), batch_size):
+            batch = todo[i:i + batch_size]
+            pixels = torch.stack([image_processor(load_image(r["image"], r["id"])) for r in batch])  # (B, 3, S, S)
+            out = generate(model, [prompts[r["id"]] for r in batch], pixels.to(device, pixel_dtype),
+                           max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=pad_id)
+            for r, ids in zip(batch, out):
+                row = {"id": r["id"], "prediction": tokenizer.decode(ids, skip_special_tokens=True).strip(),
+                       "reference": r["answer"]}
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+                done[r["id"]] = row
+            f.flush()  # the batch is on disk before the next one starts
+            bar.update(len(batch))
+    return [done[r["id"]] for r in records]
+
+
+# ----------------------------------------------------------------------------------------------
+# Scoring: overall, per group, gap, ES-M, bootstrap intervals
+
+
+def match_predictions(predictions, records):
+    """(hyps, refs) in the order of `records`, the references taken from the test set. Every record
+    needs exactly one prediction, and every prediction a record."""
+    if not records:
+        raise ValueError("empty test set: no records to score")
+    if not predictions:
+        raise ValueError(f"no predictions to score (the test set has {len(records)} records)")
+    ids = [str(p["id"]) for p in predictions]
+    dup = [i for i, c in Counter(ids).items() if c > 1]
+    if dup:
+        raise ValueError(f"{len(dup)} ids have more than one prediction, e.g. {dup[:5]}")
+    by_id = {str(p["id"]): p["prediction"] for p in predictions}
+    known = {r["id"] for r in records}
+    unknown = [i for i in ids if i not in known]
+    missing = [r["id"] for r in records if r["id"] not in by_id]
+    if unknown or missing:
+        msg = f"{len(predictions)} predictions but {len(records)} test records" \
+            if len(predictions) != len(records) else "the prediction ids do not match the test set"
+        if unknown:
+            msg += f"; {len(unknown)} prediction ids are not in the test set, e.g. {unknown[:5]}"
+        if missing:
+            msg += f"; {len(missing)} test records have no prediction, e.g. {missing[:5]}"
+        raise ValueError(msg)
+    return [by_id[r["id"]] for r in records], [r["answer"] for r in records]
+
+
+def group_names(records, attribute):
+    """The human-readable group of every record for one attribute (data.ATTRIBUTES names)."""
+    if attribute not in ATTRIBUTES:
+        raise ValueError(f"unknown attribute {attribute!r}; choose from {tuple(ATTRIBUTES)}")
+    classes = ATTRIBUTES[attribute].classes
+    codes = [r.get("attrs", {}).get(attribute, UNKNOWN) for r in records]
+    missing = [r["id"] for r, c in zip(records, codes) if c is None or c == UNKNOWN]
+    if missing:
+        raise ValueError(
+            f"attribute {attribute!r} is missing from the metadata of {len(missing)} of {len(records)} records, "
+            f"e.g. {missing[:5]}; score only the attributes the data set records "
+            f"(HAM10000 and PadChest have no race) or drop those records")
+    bad = sorted({c for c in codes if not (isinstance(c, int) and 0 <= c < len(classes))}, key=str)
+    if bad:
+        raise ValueError(f"attribute {attribute!r}: codes {bad} are not in 0..{len(classes) - 1} ({classes})")
+    return [classes[c] for c in codes]
+
+
+def _pair(interval):
+    return [_num(interval[0]), _num(interval[1])]
+
+
+def _num(x):
+    # NaN (a group absent from every resample) is not valid JSON: write null
+    x = float(x)
+    return None if math.isnan(x) else x
+
+
+def score(predictions, records, attributes=("race", "age", "gender"), dataset="mimic", n_resamples=200,
+          seed=0, min_group_size=30, m_all="whole_set", confidence=0.95):
+    """Every metric of the data set, on the whole test set and per group of each attribute.
+
+    predictions: [{"id", "prediction"}] (any order); records: the test set from data.read_llava_json,
+    which provides the references and the groups. Groups smaller than min_group_size are scored and
+    flagged "small" but left out of the gap and ES (metrics.fairness_report). m_all="whole_set" is the
+    paper's ES numerator; "group_mean" the official script's. Returns a JSON-serialisable dict:
+        overall[metric] = {score, ci}
+        fairness[attribute][metric] = {m_all, gap, es, ci: {m_all, gap, es},
+                                       groups: {name: {score, n, small, ci}}}
+    """
+    hyps, refs = match_predictions(predictions, records)
+    ms = dataset_metrics(dataset)
+    groups = {a: group_names(records, a) for a in attributes}  # fails on bad metadata before scoring
+    out = {"dataset": dataset, "n": len(records), "attributes": list(attributes), "m_all": m_all,
+           "min_group_size": min_group_size, "n_resamples": n_resamples, "seed": seed, "confidence": confidence,
+           "headline": HEADLINE[dataset], "chart": list(CHART[dataset]), "overall": {}, "fairness": {}}
+    for name, metric in ms.items():
+        ci = metrics.bootstrap_ci(metric, hyps, refs, n_resamples=n_resamples, seed=seed, confidence=confidence) \
+            if n_resamples > 0 else (math.nan, math.nan)
+        out["overall"][name] = {"score": metric(hyps, refs), "ci": _pair(ci)}
+    reports = metrics.fairness_table(hyps, refs, groups, ms, min_group_size=min_group_size, m_all=m_all,
+                                     n_resamples=n_resamples, seed=seed, confidence=confidence) if groups else []
+    for r in reports:
+        out["fairness"].setdefault(r.attribute, {})[r.metric] = {
+            "m_all": r.m_all, "gap": r.gap, "es": r.es,
+            "ci": {k: _pair(r.ci[k]) for k in ("m_all", "gap", "es") if k in r.ci},
+            "groups": {g: {"score": s.score, "n": s.n, "small": s.small,
+                           **({"ci": _pair(r.group_ci[g])} if g in r.group_ci else {})}
+                       for g, s in r.groups.items()},
+        }
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Linear probe: how much demographic information h still carries
+
+
+@torch.no_grad()
+def pooled_features(model, tokenizer, image_processor, records, layer="mid", tokens="image", batch_size=16):
+    """h for every record: the masked mean of the chosen hidden layer over the chosen tokens of the
+    teacher-forced conversation, exactly as fairness.py pools it for the DAC. (N, H) float32, CPU."""
+    model.eval()
+    device = next(model.parameters()).device
+    pixel_dtype = next(model.vision_tower.parameters()).dtype
+    loader = torch.utils.data.DataLoader(ReportDataset(records, tokenizer, image_processor),
+                                         batch_size=batch_size, collate_fn=collate)
+    feats = []
+    for b in loader:
+        out = model(b["input_ids"].to(device), b["pixel_values"].to(device, pixel_dtype),
+                    b["attention_mask"].to(device), labels=b["labels"].to(device), return_hidden=True)
+        mask = token_mask(tokens, image_mask=out.image_mask, attention_mask=out.attention_mask, labels=out.labels)
+        h, _ = pool_hidden(out.hidden, mask, layer=layer)  # (B, H)
+        feats.append(h.cpu())
+    return torch.cat(feats)
+
+
+def fit_linear_probe(x, y, num_classes, l2=1e-3, steps=300):
+    """Multinomial logistic regression, full-batch L-BFGS on standardised features with a small L2
+    penalty. The problem is convex and starts from zero, so the result is deterministic.
+    Returns predict(x) -> class index."""
+    mean, std = x.mean(0), x.std(0).clamp_min(1e-6)  # a probe should not depend on feature scale
+    z = (x - mean) / std
+    W = torch.zeros(x.shape[1], num_classes, requires_grad=True)
+    b = torch.zeros(num_classes, requires_grad=True)
+    opt = torch.optim.LBFGS([W, b], lr=1.0, max_iter=steps, history_size=20, line_search_fn="strong_wolfe",
+                            tolerance_grad=1e-9, tolerance_change=1e-12)
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(z @ W + b, y) + l2 * (W ** 2).sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        opt.step(closure)
+    return lambda x_new: (((x_new - mean) / std) @ W + b).argmax(-1)
+
+
+def attribute_probe(model, tokenizer, image_processor, train_records, test_records, layer="mid", tokens="image",
+                    max_train=1000, attributes=("race", "age", "gender"), batch_size=16, seed=0):
+    """Train a fresh linear probe per attribute on h of (up to max_train) training records, report its
+    accuracy on the test records next to chance (the majority-class rate of the test labels), both
+    in percent. Records whose label is unknown (-1) are skipped; an attribute with no known labels
+    (race in HAM10000) is left out. The closer accuracy is to chance, the less h leaks."""
+    if not train_records or not test_records:
+        raise ValueError(f"the probe needs train and test records, got {len(train_records)} and {len(test_records)}")
+    if len(train_records) > max_train:  # a fixed random subset, not the first rows (often sorted)
+        keep = np.random.default_rng(seed).permutation(len(train_records))[:max_train]
+        train_records = [train_records[i] for i in sorted(keep)]
+    x_tr = pooled_features(model, tokenizer, image_processor, train_records, layer, tokens, batch_size)
+    x_te = pooled_features(model, tokenizer, image_processor, test_records, layer, tokens, batch_size)
+    out = {}
+    for a in attributes:
+        y_tr = torch.tensor([r["attrs"].get(a, UNKNOWN) for r in train_records])
+        y_te = torch.tensor([r["attrs"].get(a, UNKNOWN) for r in test_records])
+        k_tr, k_te = y_tr != UNKNOWN, y_te != UNKNOWN
+        if not k_tr.any() or not k_te.any():
+            continue
+        predict = fit_linear_probe(x_tr[k_tr], y_tr[k_tr], ATTRIBUTES[a].num_classes)
+        y = y_te[k_te]
+        out[a] = {"accuracy": 100.0 * float((predict(x_te[k_te]) == y).float().mean()),
+                  "chance": 100.0 * Counter(y.tolist()).most_common(1)[0][1] / len(y),
+                  "n_classes": len(set(y.tolist())), "n_train": int(k_tr.sum()), "n_test": int(k_te.sum())}
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Outputs: Markdown tables, a chart, JSON
+
+
+def _f(x):
+    return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.2f}"
+
+
+def _table(header, rows):
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
+
+
+def headline(results):
+    """The paper's table as one flat dict: ES-M and gap of each headline metric per attribute
+    ("ES-BLEU4(R)", "Δ-BLEU4(R)", ...), the whole-set headline scores, and the probe accuracies
+    ("probe race") when the results hold a "probe" entry (from attribute_probe)."""
+    out = {}
+    for kind, key in (("ES", "es"), ("Δ", "gap")):
+        for a, by_metric in results["fairness"].items():
+            for short, name in results["headline"].items():
+                out[f"{kind}-{short}({SHORT[a]})"] = by_metric[name][key]
+    for name in results["headline"].values():
+        out[name] = results["overall"][name]["score"]
+    for a, p in results.get("probe", {}).items():
+        out[f"probe {a}"] = p["accuracy"]
+    return out
+
+
+def compare_markdown(results_by_method):
+    """Several methods side by side, in the paper's layout: ES-M per attribute (higher is better),
+    the gaps Delta (lower is better), all whole-set scores, and, when a result holds a "probe" entry,
+    the probe accuracy next to chance."""
+    first = next(iter(results_by_method.values()))
+    flat = {m: headline(r) for m, r in results_by_method.items()}
+    keys = list(dict.fromkeys(k for h in flat.values() for k in h))  # union, in first-seen order
+
+    def table(cols):
+        return _table(["Method"] + cols, [[m] + [_f(h.get(k)) for k in cols] for m, h in flat.items()])
+
+    parts = []
+    es_cols = [k for k in keys if k.startswith("ES-")]
+    if es_cols:
+        parts.append(f"ES-M = M_all / (1 + Δ), Δ = max_g M_g − min_g M_g (R race, A age, G gender; groups "
+                     f"with fewer than {first['min_group_size']} reports are left out of Δ). Higher is better.\n")
+        parts.append(table(es_cols))
+        parts.append("\nGaps Δ between the best and the worst group. Lower is better.\n")
+        parts.append(table([k for k in keys if k.startswith("Δ-")]))
+    names = list(first["overall"])
+    parts.append(f"\nWhole test set (n = {first['n']}).\n")
+    parts.append(_table(["Method"] + names, [[m] + [_f(r["overall"].get(n, {}).get("score")) for n in names]
+                                             for m, r in results_by_method.items()]))
+    probed = [a for a in ATTRIBUTES if any(a in r.get("probe", {}) for r in results_by_method.values())]
+    if probed:
+        parts.append("\nLinear probe on h: attribute accuracy % (chance = majority class). Closer to chance = "
+                     "less demographic information in the representation.\n")
+        rows = []
+        for m, r in results_by_method.items():
+            p = r.get("probe", {})
+            rows.append([m] + [f"{p[a]['accuracy']:.1f} ({p[a]['chance']:.1f})" if a in p else "–" for a in probed])
+        parts.append(_table(["Method"] + probed, rows))
+    return "\n".join(parts) + "\n"
+
+
+def groups_markdown(results):
+    """Per attribute: each group's n and scores (* = small group, left out of Δ), then M_all, Δ and
+    ES of the headline metrics with their bootstrap intervals."""
+    parts = []
+    pct = round(100 * results["confidence"])
+    for a, by_metric in results["fairness"].items():
+        names = list(by_metric)
+        groups = by_metric[names[0]]["groups"]
+        rows = [[f"{g}{'*' if s['small'] else ''}", str(s["n"])]
+                + [_f(by_metric[n]["groups"][g]["score"]) for n in names] for g, s in groups.items()]
+        parts.append(f"\n### {a}\n\n" + _table(["group", "n"] + names, rows))
+        rows = []
+        for short, n in results["headline"].items():
+            rep = by_metric[n]
+            ci = lambda k: f" [{_f(rep['ci'][k][0])}, {_f(rep['ci'][k][1])}]" if k in rep["ci"] else ""
+            rows.append([n, _f(rep["m_all"]) + ci("m_all"), _f(rep["gap"]) + ci("gap"), _f(rep["es"]) + ci("es")])
+        parts.append(f"\n{pct}% bootstrap intervals ({results['n_resamples']} resamples) in brackets.\n\n"
+                     + _table(["metric", "M_all", "Δ", "ES"], rows))
+    return "\n".join(parts) + "\n"
+
+
+def _font(size):
+    from PIL import ImageFont
+    try:
+        return ImageFont.load_default(size=size)  # scalable with FreeType (Pillow >= 10.1)
+    except TypeError:
+        return ImageFont.load_default()
+
+
+COLORS = ((31, 119, 180), (255, 127, 14), (44, 160, 44))
+
+
+def draw_groups_png(results, path, title=""):
+    """One panel per attribute: a bar per group and chart metric, the whole-set score as a dashed
+    line, small groups drawn pale. Plain Pillow drawing, no plotting library."""
+    from PIL import Image, ImageDraw
+    names = [n for n in results["chart"] if n in results["overall"]]
+    attrs = list(results["fairness"])
+    W, panel_h, top = 1100, 330, 80
+    img = Image.new("RGB", (W, top + panel_h * max(len(attrs), 1) + 10), "white")
+    d = ImageDraw.Draw(img)
+    big, font, small = _font(20), _font(15), _font(13)
+    d.text((20, 12), title or "Per-group scores", fill="black", font=big)
+    x = 20
+    for k, n in enumerate(names):  # legend
+        d.rectangle([x, 48, x + 18, 64], fill=COLORS[k % 3])
+        d.text((x + 26, 48), n, fill="black", font=font)
+        x += 26 + d.textlength(n, font=font) + 30
+    d.text((x, 48), f"dashed: whole test set; pale, *: fewer than {results['min_group_size']} reports, "
+                    "not in the gap", fill=(90, 90, 90), font=font)
+    values = [s["score"] for a in attrs for n in names for s in results["fairness"][a][n]["groups"].values()]
+    values += [results["overall"][n]["score"] for n in names]
+    # y axis: 5 or so ticks at a round step (..., 2, 5, 10, 20, 25, 50 ...)
+    top_value = max(values + [1.0]) - 1e-6  # 100.0000001 is 100
+    step = min(m * 10 ** e for e in range(-2, 3) for m in (1, 2, 2.5, 5) if m * 10 ** e >= top_value / 5)
+    ymax = step * math.ceil(top_value / step)
+    for i, a in enumerate(attrs):
+        y0 = top + i * panel_h
+        x_left, x_right, y_top, y_bottom = 70, W - 20, y0 + 40, y0 + panel_h - 60
+        # the default font has no Greek letters: "gap" for Delta
+        gaps = "; ".join(f"{n} gap {results['fairness'][a][n]['gap']:.2f}, ES {results['fairness'][a][n]['es']:.2f}"
+                         for n in names)
+        d.text((x_left, y0 + 8), f"{a}: {gaps}", fill="black", font=font)
+        for t in range(round(ymax / step) + 1):  # y grid and labels
+            y = y_bottom - (y_bottom - y_top) * t * step / ymax
+            d.line([x_left, y, x_right, y], fill=(225, 225, 225))
+            d.text((x_left - 8, y), f"{t * step:g}", fill="black", font=small, anchor="rm")
+        d.line([x_left, y_top, x_left, y_bottom], fill="black")
+        groups = list(results["fairness"][a][names[0]]["groups"]) if names else []
+        slot = (x_right - x_left) / max(len(groups), 1)
+        bar = slot * 0.7 / max(len(names), 1)
+        to_y = lambda v: y_bottom - (y_bottom - y_top) * v / ymax
+        for k, n in enumerate(names):  # whole-set score, dashed, behind the bars
+            y = to_y(results["overall"][n]["score"])
+            for xs in range(x_left, x_right, 14):
+                d.line([xs, y, min(xs + 7, x_right), y], fill=COLORS[k % 3], width=2)
+        for j, g in enumerate(groups):
+            x = x_left + slot * j + slot * 0.15
+            for k, n in enumerate(names):
+                s = results["fairness"][a][n]["groups"][g]
+                color = COLORS[k % 3]
+                if s["small"]:  # pale: shown, but not part of the gap
+                    color = tuple(c + (255 - c) * 2 // 3 for c in color)
+                xb = x + k * bar
+                d.rectangle([xb, to_y(s["score"]), xb + bar - 2, y_bottom], fill=color)
+                d.text((xb + bar / 2, to_y(s["score"]) - 3), f"{s['score']:.1f}", fill="black", font=small, anchor="md")
+            n_g = results["fairness"][a][names[0]]["groups"][g]["n"]
+            star = "*" if results["fairness"][a][names[0]]["groups"][g]["small"] else ""
+            d.text((x_left + slot * (j + 0.5), y_bottom + 6), f"{g}{star}", fill="black", font=font, anchor="ma")
+            d.text((x_left + slot * (j + 0.5), y_bottom + 26), f"n={n_g}", fill=(90, 90, 90), font=small, anchor="ma")
+    img.save(path)
+
+
+def write_outputs(results, out_dir, title=""):
+    """results.json (every number), results.md (the paper-style tables + per-group details) and
+    groups.png (the chart) in out_dir."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "results.json", "w") as f:
+        json.dump(results, f, indent=1, allow_nan=False)
+    md = [f"# {title or 'Evaluation'}\n", compare_markdown({title or "this run": results})]
+    if results["fairness"]:
+        md.append("## Per group\n" + groups_markdown(results))
+    (out / "results.md").write_text("\n".join(md))
+    draw_groups_png(results, out / "groups.png", title)
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line
+
+
+def load_model(llm, vision, projector=None, adapter=None, vision_heads=None, device="cpu", dtype=torch.float32):
+    """Base LLM + vision tower + projector, with the PEFT adapter merged in (no LoRA cost at inference)."""
+    model = load_llava(llm, vision, projector, dtype=dtype, device=device, vision_heads=vision_heads or None)
+    if adapter:
+        load_peft_adapter(model.llm, adapter)  # wraps with the adapter's own r / alpha / targets first
+        model.llm.to(device)
+        merge_lora(model.llm)
+    return model.eval()
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description="Generate reports and score them overall and per demographic group.")
+    ap.add_argument("--test-json", required=True, help="test set, LLaVA JSON with demographics")
+    ap.add_argument("--dataset", default="mimic", choices=sorted(HEADLINE), help="format and metrics of the test set")
+    ap.add_argument("--image-root", default=None, help="folder the image paths are relative to (default: the JSON's)")
+    ap.add_argument("--out", required=True, help="output folder: predictions.jsonl, results.json/.md, groups.png")
+    ap.add_argument("--predictions", default=None, help="score this JSONL file instead of running a model")
+    ap.add_argument("--llm", help="language model folder or hub id (HF Llama layout)")
+    ap.add_argument("--vision", help="vision tower: open_clip checkpoint file or folder")
+    ap.add_argument("--vision-heads", type=int, default=0, help="vision attention heads (0: width / 64)")
+    ap.add_argument("--projector", help="mm_projector.bin (or LLaVA-Rad's non_lora_trainables.bin)")
+    ap.add_argument("--adapter", default=None, help="PEFT LoRA adapter folder, merged into the LLM")
+    ap.add_argument("--tokenizer", default=None, help="tokenizer.json or its folder (default: the --llm folder)")
+    ap.add_argument("--batch-size", type=int, default=16, help="reports generated per batch")
+    ap.add_argument("--max-new-tokens", type=int, default=256, help="generation length limit (official: 256)")
+    ap.add_argument("--limit", type=int, default=0, help="evaluate only the first N test records (0: all)")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
+    ap.add_argument("--dtype", default="bf16", choices=("bf16", "fp32"), help="weights dtype on GPU (CPU: fp32)")
+    ap.add_argument("--attributes", nargs="+", default=None, choices=tuple(ATTRIBUTES),
+                    help="attributes to score (default: those the data set records)")
+    ap.add_argument("--min-group-size", type=int, default=30, help="smaller groups are flagged, left out of the gap")
+    ap.add_argument("--m-all", default="whole_set", choices=("whole_set", "group_mean"),
+                    help="ES numerator: whole-set score (paper) or mean of group scores (official script)")
+    ap.add_argument("--n-resamples", type=int, default=200, help="bootstrap resamples for intervals (0: none)")
+    ap.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    ap.add_argument("--probe-train-json", default=None,
+                    help="also fit a linear attribute probe on h, trained on this JSON (model mode only)")
+    ap.add_argument("--probe-max-train", type=int, default=1000, help="training records for the probe")
+    ap.add_argument("--title", default="", help="title of the table and the chart")
+    args = ap.parse_args(argv)
+    if args.predictions is None and not (args.llm and args.vision):
+        ap.error("give --predictions FILE to score, or a model: --llm, --vision (+ --projector, --adapter)")
+    if args.predictions is not None and args.probe_train_json:
+        ap.error("--probe-train-json needs a model, not --predictions")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    t0 = time.time()
+    out = Path(args.out)
+    records = read_llava_json(args.test_json, args.dataset, args.image_root, check_images=args.predictions is None)
+    if args.limit:
+        records = records[:args.limit]
+    attributes = tuple(args.attributes) if args.attributes else recorded_attributes(args.dataset)
+    probe = None
+    if args.predictions is not None:
+        predictions = read_predictions(args.predictions)
+        title = args.title or Path(args.predictions).stem
+    else:
+        dtype = torch.bfloat16 if (args.device.startswith("cuda") and args.dtype == "bf16") else torch.float32
+        model = load_model(args.llm, args.vision, args.projector, args.adapter, args.vision_heads, args.device, dtype)
+        tokenizer = load_tokenizer(args.tokenizer or args.llm)
+        vc = model.vision_tower.config
+        processor = ImageProcessor(size=vc.image_size, mean=vc.mean, std=vc.std)
+        predictions = generate_predictions(model, tokenizer, records, processor, out / "predictions.jsonl",
+                                           args.batch_size, args.max_new_tokens)
+        title = args.title or (Path(args.adapter).parent.name if args.adapter else Path(args.llm).name)
+        if args.probe_train_json:
+            train = read_llava_json(args.probe_train_json, args.dataset, args.image_root)
+            probe = attribute_probe(model, tokenizer, processor, train, records, max_train=args.probe_max_train,
+                                    attributes=attributes, batch_size=args.batch_size)
+    results = score(predictions, records, attributes, args.dataset, args.n_resamples, args.seed,
+                    args.min_group_size, args.m_all)
+    if probe is not None:
+        results["probe"] = probe
+    write_outputs(results, out, title)
+    print(compare_markdown({title: results}))
+    print(f"wrote {out}/results.json, results.md, groups.png in {time.time() - t0:.1f}s")
+    return results
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ValueError, FileNotFoundError) as e:  # bad input: one clear line, no traceback
+        sys.exit(f"evaluate.py: error: {e}")
