@@ -449,18 +449,28 @@ class LlavaOutput:
     image_mask: torch.Tensor  # (B, T') True at image-patch positions
 
 
-def lm_loss(logits, labels, sample_weight=None):
+def lm_loss(logits, labels, sample_weight=None, normalizer=None):
     """Causal LM cross-entropy: position t predicts token t+1, over labels != IGNORE_INDEX.
     With sample_weight (B,) (the reweighting baseline) each sample's tokens count w_i times:
-    sum_i w_i sum_t l_it / sum_i w_i n_i."""
+    sum_i w_i sum_t l_it / sum_i w_i n_i. `normalizer` replaces the denominator: training divides
+    by the supervised-token count of the whole step (all micro-batches, all ranks), so that the
+    gradient does not depend on how a batch is split across GPUs and accumulation steps."""
     if logits.shape[:2] != labels.shape:
         raise ValueError(f"logits {tuple(logits.shape)} and labels {tuple(labels.shape)} disagree")
     logits, labels = logits[:, :-1], labels[:, 1:]
     tok = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
                           ignore_index=IGNORE_INDEX, reduction="none").view(labels.shape)  # (B, T-1)
-    valid = (labels != IGNORE_INDEX).float()
-    w = valid if sample_weight is None else valid * sample_weight.float()[:, None]
-    return (tok * w).sum() / w.sum().clamp(min=1e-8)
+    w = (labels != IGNORE_INDEX).float()
+    if sample_weight is not None:
+        w = w * sample_weight.float()[:, None]
+    return (tok * w).sum() / (w.sum().clamp(min=1e-8) if normalizer is None else normalizer)
+
+
+def supervised_weight(labels, sample_weight=None):
+    """The denominator lm_loss uses: (weighted) number of supervised tokens. The first position
+    is never a target, so this can be read off the text labels before the image is spliced in."""
+    n = (labels[:, 1:] != IGNORE_INDEX).float().sum(1)
+    return (n if sample_weight is None else n * sample_weight.float()).sum()
 
 
 class LlavaModel(nn.Module):

@@ -1,0 +1,174 @@
+"""train.py: gradient accumulation and DDP give the gradients of one process on the combined
+batch, --resume continues exactly, bad steps and crashes are handled, --dry-run counts."""
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+import data
+import train
+from model import Llama, LlamaConfig, VisionConfig, VisionTransformer, load_tokenizer, save_llama
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    """A tiny synthetic data set and tiny base models written in the official layouts."""
+    root = tmp_path_factory.mktemp("train")
+    data.make_synthetic(root / "data", data.SyntheticConfig(n_train=24, n_val=4, n_test=4, size=32, vocab_size=300))
+    tok = load_tokenizer(root / "data" / "tokenizer.json")
+    torch.manual_seed(0)
+    save_llama(Llama(LlamaConfig.tiny(vocab_size=tok.get_vocab_size())), root / "llm")
+    vit = VisionTransformer(VisionConfig.tiny())
+    (root / "vision").mkdir()
+    torch.save({f"visual.trunk.{k}": v for k, v in vit.state_dict().items()}, root / "vision" / "open_clip_pytorch_model.bin")
+    return root
+
+
+def config(env, out, **kw):
+    base = dict(llm=str(env / "llm"), vision=str(env / "vision"), vision_heads=2,
+                tokenizer=str(env / "data" / "tokenizer.json"), train_json=str(env / "data" / "train.json"),
+                out=str(out), method="lora", lora_r=4, lora_alpha=8.0, lora_dropout=0.0, batch_size=4, grad_accum=1,
+                num_workers=0, max_length=256, grad_checkpointing=False, lr=1e-3, dac_lr=1e-3, seed=3,
+                warmup_ratio=0.0, log_every=1, save_every=1000)
+    base.update(kw)
+    return train.TrainConfig(**base)
+
+
+def log(out):
+    return [json.loads(line) for line in (Path(out) / "log.jsonl").read_text().splitlines()]
+
+
+def assert_same_grads(a, b, tol=1e-6):
+    ga, gb = torch.load(a), torch.load(b)
+    assert ga.keys() == gb.keys() and len(ga) > 0
+    assert any(g.abs().sum() > 0 for g in ga.values())
+    for k in ga:
+        torch.testing.assert_close(ga[k], gb[k], atol=tol, rtol=1e-4, msg=k)
+
+
+@pytest.mark.parametrize("method", ["lora", "reweight"])
+def test_grad_accumulation_equals_big_batch(env, tmp_path, method):
+    train.train(config(env, tmp_path / "a", method=method, max_steps=1, dump_grads=str(tmp_path / "a.pt")), quiet=True)
+    train.train(config(env, tmp_path / "b", method=method, max_steps=1, batch_size=2, grad_accum=2,
+                       dump_grads=str(tmp_path / "b.pt")), quiet=True)
+    assert_same_grads(tmp_path / "a.pt", tmp_path / "b.pt")
+    assert log(tmp_path / "a")[0]["loss"] == pytest.approx(log(tmp_path / "b")[0]["loss"], rel=1e-5)
+
+
+def test_ddp_two_processes_equal_one(env, tmp_path):
+    """torchrun, 2 CPU processes (gloo), 2 samples each == 1 process with the 4 samples."""
+    single = tmp_path / "single"
+    train.train(config(env, single, max_steps=1, dump_grads=str(tmp_path / "single.pt")), quiet=True)
+    cfg = config(env, tmp_path / "ddp", max_steps=2, batch_size=2, dump_grads=str(tmp_path / "ddp.pt"))
+    args = []
+    for k, v in vars(cfg).items():
+        flag = "--" + k.replace("_", "-")
+        if isinstance(v, bool):
+            args.append(flag if v else "--no-" + k.replace("_", "-"))
+        elif isinstance(v, tuple):
+            args += [flag, *map(str, v)]
+        elif isinstance(v, dict):
+            args += [flag, *(f"{a}={b}" for a, b in v.items())]
+        else:
+            args += [flag, str(v)]
+    env_vars = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
+                        str(ROOT / "train.py"), *args], capture_output=True, text=True, env=env_vars, timeout=240)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert_same_grads(tmp_path / "single.pt", tmp_path / "ddp.pt")
+    lines = log(tmp_path / "ddp")
+    assert [x["step"] for x in lines] == [1, 2]  # one writer: no line twice
+    assert lines[0]["loss"] == pytest.approx(log(single)[0]["loss"], rel=1e-5)
+    assert (tmp_path / "ddp" / "adapter" / "adapter_config.json").is_file()
+    assert not list((tmp_path / "ddp").glob("*.tmp"))
+
+
+@pytest.mark.parametrize("method", ["fairllava", "resample"])
+def test_resume_continues_exactly(env, tmp_path, method):
+    kw = dict(method=method, max_steps=6, lora_dropout=0.1, batch_size=4, grad_accum=2)  # 3 steps/epoch
+    train.train(config(env, tmp_path / "full", **kw), quiet=True)
+    part = config(env, tmp_path / "part", save_every=4, stop_after=4, **kw)
+    train.train(part, quiet=True)
+    assert len(log(tmp_path / "part")) == 4
+    train.train(replace(part, stop_after=0, resume=True), quiet=True)
+    full, resumed = log(tmp_path / "full"), log(tmp_path / "part")
+    assert [x["step"] for x in resumed] == list(range(1, 7))
+    for a, b in zip(full, resumed):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-6, abs=1e-7), (a, b)
+        if method == "fairllava":
+            assert a["dim_loss"] == pytest.approx(b["dim_loss"], rel=1e-5, abs=1e-7)
+    if method == "fairllava":
+        assert "club/race" in full[0] and (tmp_path / "full" / "dac.safetensors").is_file()
+
+
+def test_resume_mismatch_is_an_error(env, tmp_path):
+    train.train(config(env, tmp_path / "r", max_steps=1), quiet=True)
+    with pytest.raises(ValueError, match="does not match"):
+        train.train(config(env, tmp_path / "r", max_steps=2, lora_r=8, resume=True), quiet=True)
+    with pytest.raises(FileNotFoundError, match="checkpoint.pt not found"):
+        train.train(config(env, tmp_path / "empty", max_steps=1, resume=True), quiet=True)
+
+
+def test_nonfinite_loss_skips_then_stops(env, tmp_path, monkeypatch):
+    real = train.micro_step
+    calls = {"n": 0}
+
+    def flaky(*a, **k):
+        loss, stats = real(*a, **k)
+        calls["n"] += 1
+        return (loss * float("nan") if calls["n"] == 2 else loss), stats
+
+    monkeypatch.setattr(train, "micro_step", flaky)
+    model, _ = train.train(config(env, tmp_path / "nan", max_steps=3), quiet=True)
+    lines = log(tmp_path / "nan")
+    assert [x["skipped"] for x in lines] == [False, True, False]
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    monkeypatch.setattr(train, "micro_step", lambda *a, **k: (real(*a, **k)[0] * float("inf"), {}))
+    with pytest.raises(FloatingPointError, match="non-finite losses in a row"):
+        train.train(config(env, tmp_path / "inf", max_steps=5, max_bad_steps=2), quiet=True)
+
+
+def test_crash_while_saving_keeps_last_checkpoint(env, tmp_path, monkeypatch):
+    out = tmp_path / "c"
+    train.train(config(env, out, max_steps=1), quiet=True)
+    before = (out / "checkpoint.pt").read_bytes()
+
+    def broken_save(obj, path):
+        Path(path).write_bytes(b"half a file")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(train.torch, "save", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        train.train(config(env, out, max_steps=2, resume=True), quiet=True)
+    assert (out / "checkpoint.pt").read_bytes() == before
+    assert not list(out.glob("*.tmp"))
+
+
+def test_bad_paths(env, tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope"):
+        train.train(config(env, tmp_path / "x", llm=str(tmp_path / "nope")), quiet=True)
+    with pytest.raises(FileNotFoundError):
+        train.train(config(env, tmp_path / "x", train_json=str(tmp_path / "missing.json")), quiet=True)
+
+
+def test_stage1_trains_projector_only(env, tmp_path):
+    model, _ = train.train(config(env, tmp_path / "s1", stage=1, max_steps=2), quiet=True)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(n.startswith("mm_projector.") for n in trainable)
+    assert (tmp_path / "s1" / "mm_projector.bin").is_file() and not (tmp_path / "s1" / "adapter").exists()
+
+
+def test_dry_run_counts(capsys):
+    train.main(["--dry-run"])
+    out = capsys.readouterr().out
+    assert "159,907,840" in out  # LoRA r=64 on the seven projections of Vicuna-7B
+    assert "57,358" in out  # the paper's "~57K" DAC
+    assert "6,738,415,616" in out and "GiB" in out
