@@ -470,9 +470,9 @@ def micro_step(cfg, ddp, fair, dac_opt, b, d, use_autocast, n_tok):
     stats = {"lm_loss": lm_loss(out.logits.detach(), out.labels, sw)}  # this micro-batch's mean, for the log
     if fair is not None:
         attrs = {a: b["attrs"][a].to(dev) for a in cfg.attributes}
-        h, _ = fair.pool(out.hidden, image_mask=out.image_mask, attention_mask=out.attention_mask,
-                         labels=out.labels)
-        reg, fstats = fair(h, attrs, dac_opt)
+        h, valid = fair.pool(out.hidden, image_mask=out.image_mask, attention_mask=out.attention_mask,
+                             labels=out.labels)
+        reg, fstats = fair(h, attrs, dac_opt, valid=valid)  # samples with no pooled token are left out
         loss = loss + reg / cfg.grad_accum
         stats.update(fstats)
     return loss, stats
