@@ -126,6 +126,14 @@ def prepare(root):
     return data_dir, base
 
 
+# Demo method names -> train.py settings. "fairllava" is the paper's Algorithm 1 (one AdamW step
+# on phi per batch); "fairllava_lbfgs" refits phi to each batch (phi at its best response).
+VARIANTS = {"lora": dict(method="lora"), "resample": dict(method="resample"), "reweight": dict(method="reweight"),
+            "fairllava": dict(method="fairllava"), "fairllava_lbfgs": dict(method="fairllava", dac_optimizer="lbfgs")}
+LABELS = {"lora": "LoRA (LLaVA-Rad baseline)", "resample": "Resampling", "reweight": "Reweighting",
+          "fairllava": "FairLLaVA", "fairllava_lbfgs": "FairLLaVA, phi refit (LBFGS)"}
+
+
 def run_seed(cfg, data_dir, base, root, seed, methods):
     from train import train
     common = dict(llm=str(base / "llm"), vision=str(base / "vision"), vision_heads=VIT.num_heads,
@@ -140,8 +148,8 @@ def run_seed(cfg, data_dir, base, root, seed, methods):
         out = root / f"seed{seed}" / method
         if not (out / "adapter" / "adapter_config.json").is_file():
             t = time.time()
-            train(replace(cfg, stage=2, method=method, out=str(out), projector=str(s1 / "mm_projector.bin"),
-                          **common, **DEMO_TRAIN["stage2"]), quiet=True)
+            train(replace(cfg, stage=2, out=str(out), projector=str(s1 / "mm_projector.bin"),
+                          **VARIANTS[method], **common, **DEMO_TRAIN["stage2"]), quiet=True)
             print(f"[demo] seed {seed}: stage 2 {method} trained ({time.time() - t:.0f}s)")
         results[method] = evaluate_run(base, data_dir, out, seed)
     return results
@@ -171,12 +179,14 @@ def run(args, cfg):
     torch.set_num_threads(max(1, torch.get_num_threads()))
     root = Path(args.demo_dir)
     data_dir, base = prepare(root)
-    methods = ("lora", "fairllava")
+    methods = tuple(args.demo_methods)
+    unknown = [m for m in methods if m not in VARIANTS]
+    if unknown:
+        raise SystemExit(f"--demo-methods: unknown {unknown}; choose from {sorted(VARIANTS)}")
     per_seed = {s: run_seed(cfg, data_dir, base, root, s, methods) for s in args.seeds}
     for s, res in per_seed.items():
         print(f"\n## seed {s}\n")
-        print(evaluate.compare_markdown({"LoRA (LLaVA-Rad baseline)" if m == "lora" else "FairLLaVA": r
-                                         for m, r in res.items()}))
+        print(evaluate.compare_markdown({LABELS[m]: r for m, r in res.items()}))
     if len(per_seed) > 1:
         summary = aggregate(per_seed, methods)
         (root / "summary.md").write_text(summary)

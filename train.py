@@ -72,6 +72,8 @@ class TrainConfig:
     tokens: str = "image"
     pool: str = "mean"
     protocol: str = "alternating"
+    dac_optimizer: str = "adamw"  # adamw: one step per batch (Algorithm 1) | lbfgs: refit phi on each batch
+    dac_steps: int = 1  # phi updates per batch in the alternating protocol
     balance_on: tuple = ("race",)  # attributes whose joint groups resample/reweight balance
     lora_r: int = 64
     lora_alpha: float = 128.0
@@ -106,6 +108,8 @@ def parse_args(argv=None):
     p.add_argument("--demo", action="store_true", help="run the whole story on the synthetic benchmark (CPU, minutes)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="--demo: seeds to run and aggregate")
     p.add_argument("--demo-dir", default="runs/demo", help="--demo: where data, models and results go")
+    p.add_argument("--demo-methods", nargs="+", default=["lora", "fairllava"],
+                   help="--demo: methods to compare (lora, resample, reweight, fairllava, fairllava_lbfgs)")
     p.add_argument("--dry-run", action="store_true", help="build the 7B model on the meta device; print counts and memory")
     helps = {
         "llm": "language model folder or hub id", "vision": "open_clip vision checkpoint (file, folder or hub id)",
@@ -119,6 +123,8 @@ def parse_args(argv=None):
         "dac_weight": "lambda1, weight of L_DAC", "lm_weight": "lambda3, weight of L_LM",
         "layer": "hidden layer for h: first | mid | last | mean | an index", "tokens": "image | answer | all",
         "pool": "mean | random_token (official variant)", "protocol": "alternating (paper) | single_step (official)",
+        "dac_optimizer": "adamw (one step per batch, Algorithm 1) | lbfgs (refit phi to each batch; one process only)",
+        "dac_steps": "phi updates per batch (alternating protocol)",
         "balance_on": "attributes whose joint groups resample/reweight balance", "lora_r": "LoRA rank",
         "lora_alpha": "LoRA alpha (scale alpha/r)", "lora_dropout": "dropout on the LoRA path", "lr": "learning rate",
         "dac_lr": "learning rate of phi", "weight_decay": "AdamW weight decay", "warmup_ratio": "linear warmup share",
@@ -331,12 +337,18 @@ def train(cfg, d=None, quiet=False):
     if cfg.method == "fairllava" and cfg.stage == 2:
         fcfg = FairnessConfig(attributes=cfg.attributes, lambdas={**FairnessConfig().lambdas, **cfg.lambdas},
                               dac_weight=cfg.dac_weight, layer=int(cfg.layer) if cfg.layer.lstrip("-").isdigit() else cfg.layer,
-                              tokens=cfg.tokens, pool=cfg.pool, protocol=cfg.protocol)
+                              tokens=cfg.tokens, pool=cfg.pool, protocol=cfg.protocol, dac_steps=cfg.dac_steps)
         fair = FairnessRegularizer(fcfg, model.llm.config.hidden_size).to(d.device)
         if d.world > 1:  # every rank starts from the same phi
             for p in fair.parameters():
                 dist.broadcast(p.data, 0)
-        if fcfg.protocol == "alternating":
+        if fcfg.protocol == "alternating" and cfg.dac_optimizer == "lbfgs":
+            # phi kept at its best response on each batch, as the CLUB bound assumes q ~ p(a | h).
+            # Each rank's line search would see its own loss, so this is single-process only.
+            if d.world > 1:
+                raise ValueError("--dac-optimizer lbfgs runs in one process only; use adamw with torchrun")
+            dac_opt = torch.optim.LBFGS(fair.parameters(), max_iter=10, line_search_fn="strong_wolfe")
+        elif fcfg.protocol == "alternating":
             dac_opt = SyncedOptimizer(torch.optim.AdamW(fair.parameters(), lr=cfg.dac_lr, weight_decay=0.0),
                                       fair.parameters(), d)
         else:  # single step: phi joins the main optimizer; DDP does not see it, so sync by hand
