@@ -188,13 +188,13 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(layer_idx, k, v)  # (B, nkv, S, hd), S = past + T
-        if self.n_kv != self.n_head:  # grouped-query attention: each kv head serves n_head/n_kv queries
-            k = k.repeat_interleave(self.n_head // self.n_kv, dim=1)
-            v = v.repeat_interleave(self.n_head // self.n_kv, dim=1)
+        # Grouped-query attention: each kv head serves n_head / n_kv query heads; enable_gqa lets
+        # the kernel share them instead of copying the (cached) keys and values.
+        gqa = self.n_kv != self.n_head
         if mask is None:  # no padding, no cache: the fused causal kernel
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -256,7 +256,7 @@ class Llama(nn.Module):
         self.gradient_checkpointing = False
 
     def forward(self, input_ids=None, inputs_embeds=None, attention_mask=None, position_ids=None,
-                cache=None, return_hidden=False):
+                cache=None, return_hidden=False, last_only=False):
         """logits (B, T, vocab); with return_hidden also the list of n_layers + 1 hidden states in
         HF's `hidden_states` order: the embeddings, then each decoder layer's output, the last one
         after the final RMSNorm (as HF returns it).
@@ -293,7 +293,8 @@ class Llama(nn.Module):
             cache.length += T
         x = self.model.norm(x)
         hidden[-1] = x
-        logits = self.lm_head(x)
+        # Generation needs only the last position's logits: skip the (B, T, vocab) projection.
+        logits = self.lm_head(x[:, -1:] if last_only else x)
         return (logits, hidden) if return_hidden else logits
 
 
@@ -422,7 +423,11 @@ class VisionTransformer(nn.Module):
         S = self.config.image_size
         if pixels.ndim != 4 or pixels.shape[1] != 3 or pixels.shape[-2:] != (S, S):
             raise ValueError(f"vision tower expects images of shape (B, 3, {S}, {S}), got {tuple(pixels.shape)}")
-        n_blocks = select_layer % (len(self.blocks) + 1)
+        depth = len(self.blocks)
+        if not -(depth + 1) <= select_layer <= depth:
+            raise ValueError(f"select_layer {select_layer} is out of range for a {depth}-block tower "
+                             f"(valid: {-(depth + 1)} .. {depth})")
+        n_blocks = select_layer % (depth + 1)
         x = self.patch_embed(pixels.to(self.pos_embed.dtype))
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed  # (B, 1+N, C)
         for blk in self.blocks[:n_blocks]:
@@ -569,7 +574,7 @@ def generate(model, prompts, pixel_values=None, max_new_tokens=256, temperature=
         embeds = llm.model.embed_tokens(ids)
     dtype = llm.model.embed_tokens.weight.dtype
     cache = KVCache(llm.config, B, embeds.shape[1] + max_new_tokens, device, dtype)
-    logits = llm(inputs_embeds=embeds.to(dtype), attention_mask=mask, cache=cache)[:, -1]
+    logits = llm(inputs_embeds=embeds.to(dtype), attention_mask=mask, cache=cache, last_only=True)[:, -1]
     out = torch.empty(B, 0, dtype=torch.long, device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
     for _ in range(max_new_tokens):
