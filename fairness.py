@@ -78,6 +78,11 @@ class FairnessConfig:
     protocol: str = "alternating"  # "alternating" (paper) | "single_step" (official code)
     dac_hidden: int = 0  # 0: Linear(hidden, K_a); > 0: Linear -> GELU -> Linear with this width
     dac_steps: int = 1  # phi updates per alternating step on the same sg(h) (1 = Algorithm 1)
+    # Not in the paper: standardise each feature of h (running mean/variance of sg(h), updated on
+    # the L_DAC path only) before phi. In a raw residual stream a few dimensions dwarf the rest, and
+    # an attribute carried by small ones is out of reach of a phi that takes one step per batch:
+    # phi stays at chance, CLUB ~ 0 and DIM does nothing. Standardising gives phi a chance.
+    dac_normalize: bool = False
     unknown_as_class: bool = False  # True: label -1 becomes an extra class K_a instead of masked out
 
     def __post_init__(self):
@@ -203,8 +208,12 @@ def pool_hidden(hidden, mask, layer="mid", pool="mean", generator=None):
 class DAC(nn.Module):
     """phi: one head per attribute mapping h to class logits, q(a | h) = softmax(phi_a(h))."""
 
-    def __init__(self, hidden_size, num_classes, dac_hidden=0):
+    def __init__(self, hidden_size, num_classes, dac_hidden=0, normalize=False, momentum=0.1):
         super().__init__()
+        self.normalize, self.momentum = normalize, momentum
+        if normalize:  # running per-feature statistics of sg(h); buffers, never trained
+            self.register_buffer("h_mean", torch.zeros(hidden_size))
+            self.register_buffer("h_var", torch.ones(hidden_size))
         heads = {}
         for a, k in num_classes.items():
             if dac_hidden > 0:
@@ -213,7 +222,13 @@ class DAC(nn.Module):
                 heads[a] = nn.Linear(hidden_size, k)
         self.heads = nn.ModuleDict(heads)
 
-    def forward(self, h):
+    def forward(self, h, update_stats=False):
+        if self.normalize:  # per-feature standardisation (an option, not in the paper)
+            if update_stats and h.shape[0] > 1:  # only on the L_DAC path, where h is detached
+                with torch.no_grad():
+                    self.h_mean.lerp_(h.mean(0), self.momentum)
+                    self.h_var.lerp_(h.var(0), self.momentum)
+            h = (h - self.h_mean) * torch.rsqrt(self.h_var + 1e-5)
         return {a: head(h) for a, head in self.heads.items()}  # each (B, K_a)
 
 
@@ -293,7 +308,8 @@ class FairnessRegularizer(nn.Module):
     def __init__(self, cfg, hidden_size):
         super().__init__()
         self.cfg = cfg
-        self.dac = DAC(hidden_size, {a: cfg.head_classes(a) for a in cfg.attributes}, cfg.dac_hidden)
+        self.dac = DAC(hidden_size, {a: cfg.head_classes(a) for a in cfg.attributes}, cfg.dac_hidden,
+                       cfg.dac_normalize)
 
     def pool(self, hidden, image_mask=None, attention_mask=None, labels=None, generator=None):
         """h(x) as configured: returns (h (B, H) float32, nonempty (B,) bool)."""
@@ -322,7 +338,7 @@ class FairnessRegularizer(nn.Module):
     def dac_loss(self, h, attrs, valid=None):
         """L_DAC = sum_a L_DAC^a on sg(h): gradients reach phi only."""
         ys = self.labels(attrs, h.shape[0], h.device, valid)
-        logits = self.dac(h.detach())
+        logits = self.dac(h.detach(), update_stats=True)
         total, stats = 0.0, {}
         for a in self.cfg.attributes:
             la = dac_loss(logits[a], ys[a])

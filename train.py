@@ -74,6 +74,7 @@ class TrainConfig:
     protocol: str = "alternating"
     dac_optimizer: str = "adamw"  # adamw: one step per batch (Algorithm 1) | lbfgs: refit phi on each batch
     dac_steps: int = 1  # phi updates per batch in the alternating protocol
+    dac_normalize: bool = False  # not in the paper: standardise h before phi (see fairness.py)
     balance_on: tuple = ("race",)  # attributes whose joint groups resample/reweight balance
     lora_r: int = 64
     lora_alpha: float = 128.0
@@ -125,6 +126,7 @@ def parse_args(argv=None):
         "pool": "mean | random_token (official variant)", "protocol": "alternating (paper) | single_step (official)",
         "dac_optimizer": "adamw (one step per batch, Algorithm 1) | lbfgs (refit phi to each batch; one process only)",
         "dac_steps": "phi updates per batch (alternating protocol)",
+        "dac_normalize": "standardise each feature of h (running statistics) before phi; not in the paper",
         "balance_on": "attributes whose joint groups resample/reweight balance", "lora_r": "LoRA rank",
         "lora_alpha": "LoRA alpha (scale alpha/r)", "lora_dropout": "dropout on the LoRA path", "lr": "learning rate",
         "dac_lr": "learning rate of phi", "weight_decay": "AdamW weight decay", "warmup_ratio": "linear warmup share",
@@ -337,7 +339,8 @@ def train(cfg, d=None, quiet=False):
     if cfg.method == "fairllava" and cfg.stage == 2:
         fcfg = FairnessConfig(attributes=cfg.attributes, lambdas={**FairnessConfig().lambdas, **cfg.lambdas},
                               dac_weight=cfg.dac_weight, layer=int(cfg.layer) if cfg.layer.lstrip("-").isdigit() else cfg.layer,
-                              tokens=cfg.tokens, pool=cfg.pool, protocol=cfg.protocol, dac_steps=cfg.dac_steps)
+                              tokens=cfg.tokens, pool=cfg.pool, protocol=cfg.protocol, dac_steps=cfg.dac_steps,
+                              dac_normalize=cfg.dac_normalize)
         fair = FairnessRegularizer(fcfg, model.llm.config.hidden_size).to(d.device)
         if d.world > 1:  # every rank starts from the same phi
             for p in fair.parameters():

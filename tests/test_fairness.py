@@ -464,3 +464,41 @@ def test_single_attribute_debiasing_leaves_the_other_attribute():
     gender_only = train_and_probe(("gender",))
     assert gender_only["gender"] < 0.6
     assert gender_only["age"] > 0.6 and plain["age"] > 0.6
+
+
+def test_dac_normalize_lets_a_one_step_phi_read_a_small_dimension():
+    """Not in the paper (option dac_normalize): h dominated by large dimensions, the attribute in a
+    tiny one. One Adam step per batch, as Algorithm 1: raw h keeps phi near chance; standardised h
+    lets it read the attribute. The running statistics move on the L_DAC path only, and DIM still
+    gives phi no gradient."""
+    def run(normalize):
+        g = torch.Generator().manual_seed(0)
+        fair = FairnessRegularizer(FairnessConfig.single("gender", dac_normalize=normalize), hidden_size=16)
+        opt = torch.optim.Adam(fair.parameters(), lr=1e-2)
+        for _ in range(300):
+            a = torch.randint(0, 2, (16,), generator=g)
+            h = torch.randn(16, 16, generator=g) * 100.0
+            h[:, 0] = (a.float() * 2 - 1) * 0.05 + torch.randn(16, generator=g) * 0.01
+            opt.zero_grad()
+            fair.dac_loss(h, {"gender": a})[0].backward()
+            opt.step()
+        a = torch.randint(0, 2, (2000,), generator=g)
+        h = torch.randn(2000, 16, generator=g) * 100.0
+        h[:, 0] = (a.float() * 2 - 1) * 0.05 + torch.randn(2000, generator=g) * 0.01
+        with torch.no_grad():
+            acc = (fair.dac(h)["gender"].argmax(-1) == a).float().mean().item()
+        return fair, acc
+
+    _, raw = run(False)
+    fair, normed = run(True)
+    assert raw < 0.65 and normed > 0.95, (raw, normed)
+    mean_before = fair.dac.h_mean.clone()
+    fair.zero_grad(set_to_none=True)
+    h = (torch.randn(8, 16) * 100).requires_grad_()
+    a = {"gender": torch.randint(0, 2, (8,))}
+    dim, _ = fair.dim_loss(h, a)
+    dim.backward()
+    assert torch.equal(fair.dac.h_mean, mean_before)  # DIM reads the statistics, never moves them
+    assert all(p.grad is None for p in fair.parameters()) and h.grad is not None
+    fair.dac_loss(h, a)
+    assert not torch.equal(fair.dac.h_mean, mean_before)
