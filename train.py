@@ -471,9 +471,14 @@ def train(cfg, d=None, quiet=False):
 
 
 def micro_step(cfg, ddp, fair, dac_opt, b, d, use_autocast, n_tok):
-    """One forward of the backbone -> this micro-batch's part of the step's loss, plus stats.
-    FairLLaVA adds the DIM term (and, in the alternating protocol, updates phi inside `fair`) from
-    the same forward; like the official code, its CLUB is estimated within the micro-batch."""
+    """One forward of the backbone -> this micro-batch's part of the step's loss, plus stats:
+
+        L_total = lambda1 L_DAC + lambda2 L_DIM + lambda3 L_LM        (paper, "Loss & Training")
+
+    lambda3 = --lm-weight on L_LM; lambda2 is per attribute (--lambdas) inside L_DIM; lambda1 =
+    --dac-weight on L_DAC, which reaches phi only (in the alternating protocol phi is stepped inside
+    `fair` and L_DIM is returned with phi frozen). One forward serves both terms; like the official
+    code, CLUB is estimated within the micro-batch."""
     dev = d.device
     ids, mask, labels = b["input_ids"].to(dev), b["attention_mask"].to(dev), b["labels"].to(dev)
     px = b["pixel_values"].to(dev)

@@ -1,0 +1,25 @@
+"""Exercise 13 (paper): the CLUB estimator, DIM's positive and negative pairs.
+
+Read: the paper's "Demographic Information Minimization" (positive pairs: a sample's hidden state
+with its own attribute; negative pairs: hidden states with other samples' attributes); Cheng et al.
+2020, "CLUB: A Contrastive Log-ratio Upper Bound of Mutual Information", Sec. 3; fairness.py `club`,
+`dim_penalty`, `FairnessRegularizer.dim_loss`.
+Write: `club` below. Keep it differentiable (DIM backpropagates through it into h).
+Check: python exercises/check.py club path/to/your/club.py
+"""
+
+import torch
+import torch.nn.functional as F
+
+
+def club(logits, labels, negatives="off_diagonal"):
+    """
+    logits (B, K) = phi(h), so q(a | h_i) = softmax(logits_i); labels (B,) with -1 = unknown, left out.
+    Over the N known samples, with log_mat[i, j] = log q(a_j | h_i):
+        positive = (1/N) sum_i log_mat[i, i]
+        negative = 1/(N(N-1)) sum_{i != j} log_mat[i, j]     negatives="off_diagonal" (official code)
+                 = (1/N^2)    sum_{i, j}  log_mat[i, j]      negatives="all" (original CLUB)
+        CLUB = positive - negative
+    Fewer than 2 known samples: return 0 (as a tensor).
+    """
+    raise NotImplementedError("write club")
