@@ -176,7 +176,8 @@ def evaluate_run(base, data_dir, out, seed):
 
 def run(args, cfg):
     t0 = time.time()
-    # The demo's tensors are tiny: one thread beats two fighting over them (measured ~1.5-7x).
+    # The demo's tensors are tiny: one thread beat two here (a training step 4-7x faster on a busy
+    # 2-core machine), since two threads mostly wait on each other.
     torch.set_num_threads(1)
     root = Path(args.demo_dir)
     data_dir, base = prepare(root)
