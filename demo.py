@@ -38,6 +38,7 @@ import data
 import evaluate
 from model import (Llama, LlamaConfig, VisionConfig, VisionTransformer, conversation_prompt,
                    load_tokenizer, save_llama)
+from train import cosine_lr, train
 
 # The stand-in base models (fixed: they play the role of downloaded weights).
 LLM = dict(hidden_size=128, intermediate_size=344, num_hidden_layers=4, num_attention_heads=4,
@@ -67,9 +68,8 @@ def pretrain_llm(data_dir, out_dir, steps=300, batch=32, seed=1234):
         mask = torch.zeros(batch, T, dtype=torch.long)
         for b, i in enumerate(idx):
             ids[b, :len(seqs[i])], mask[b, :len(seqs[i])] = torch.tensor(seqs[i]), 1
-        lr = 3e-3 * 0.5 * (1 + math.cos(math.pi * step / steps))
         for grp in opt.param_groups:
-            grp["lr"] = lr
+            grp["lr"] = 3e-3 * cosine_lr(step, steps, 0)
         logits = model(ids, attention_mask=mask)
         labels = ids.masked_fill(mask == 0, -100)
         loss = F.cross_entropy(logits[:, :-1].reshape(-1, cfg.vocab_size), labels[:, 1:].reshape(-1))
@@ -86,8 +86,7 @@ def pretrain_vit(data_dir, out_dir, steps=400, batch=64, seed=1234):
     items = json.loads((data_dir / "train.json").read_text())
     names = sorted(items[0]["findings_labels"])
     proc = data.ImageProcessor(VIT.image_size, VIT.mean, VIT.std)
-    from PIL import Image
-    x = torch.stack([proc(Image.open(data_dir / it["image"])) for it in items])
+    x = torch.stack([proc(data.load_image(data_dir / it["image"], it["id"])) for it in items])
     y = torch.tensor([[float(it["findings_labels"][k]) for k in names] for it in items])
     torch.manual_seed(seed)
     vit = VisionTransformer(VIT)
@@ -99,7 +98,7 @@ def pretrain_vit(data_dir, out_dir, steps=400, batch=64, seed=1234):
         feats = vit(x[idx], select_layer=-1).mean(1)  # (B, width)
         loss = F.binary_cross_entropy_with_logits(head(vit.norm(feats)), y[idx])
         for grp in opt.param_groups:
-            grp["lr"] = 2e-3 * 0.5 * (1 + math.cos(math.pi * step / steps))
+            grp["lr"] = 2e-3 * cosine_lr(step, steps, 0)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -135,7 +134,6 @@ LABELS = {"lora": "LoRA (LLaVA-Rad baseline)", "resample": "Resampling", "reweig
 
 
 def run_seed(cfg, data_dir, base, root, seed, methods):
-    from train import train
     common = dict(llm=str(base / "llm"), vision=str(base / "vision"), vision_heads=VIT.num_heads,
                   tokenizer=str(base / "llm"), train_json=str(data_dir / "train.json"), dataset="mimic",
                   seed=seed, **{k: v for k, v in DEMO_TRAIN.items() if k not in ("stage1", "stage2", "lora")},

@@ -666,8 +666,8 @@ def assign_checkpoint(module, sd, source):
     module.load_state_dict(sd, strict=True, assign=True)
 
 
-def _cast(sd, dtype):
-    return {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in sd.items()}
+def _cast(sd, dtype, device="cpu"):
+    return {k: (v.to(device=device, dtype=dtype) if v.is_floating_point() else v) for k, v in sd.items()}
 
 
 def load_llama(path_or_repo, dtype=torch.float32, device="cpu", revision=None):
@@ -681,11 +681,10 @@ def load_llama(path_or_repo, dtype=torch.float32, device="cpu", revision=None):
     with torch.device("meta"):
         model = Llama(cfg)
     sd = {}
-    for f in weight_files(folder):
-        for k, v in load_tensors(f).items():
-            if k.endswith("rotary_emb.inv_freq"):  # a buffer old HF checkpoints saved; we recompute it
-                continue
-            sd[k] = v.to(device=device, dtype=dtype) if v.is_floating_point() else v
+    for f in weight_files(folder):  # cast shard by shard: the uncast copy of one shard at most
+        shard = load_tensors(f)
+        # rotary inv_freq: a buffer old HF checkpoints saved; we recompute it
+        sd.update(_cast({k: v for k, v in shard.items() if not k.endswith("rotary_emb.inv_freq")}, dtype, device))
     if cfg.tie_word_embeddings and "lm_head.weight" not in sd and "model.embed_tokens.weight" in sd:
         sd["lm_head.weight"] = sd["model.embed_tokens.weight"]
     assign_checkpoint(model, sd, str(folder))

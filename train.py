@@ -36,6 +36,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
 
 import data
 from fairness import FairnessConfig, FairnessRegularizer
@@ -373,7 +374,6 @@ def train(cfg, d=None, quiet=False):
         step = load_checkpoint(ckpt_path, model, fair, opt, dac_opt, sched)
     log = open(out / "log.jsonl", "a") if d.master else None
     use_autocast = d.device.startswith("cuda") and cfg.dtype == "bf16"
-    from tqdm import tqdm
     bar = tqdm(total=total, initial=step, disable=not d.master or quiet, desc=f"stage {cfg.stage} {cfg.method}")
     t0, tokens_seen = time.time(), 0
     model.train()
@@ -399,8 +399,7 @@ def train(cfg, d=None, quiet=False):
                     fixed = fixed or b
                     b = fixed
                 micro.append(b)
-            for lr_group in opt.param_groups[:1]:
-                lr_now = lr_group["lr"]
+            lr_now = opt.param_groups[0]["lr"]
             # The LM loss of the step is (sum of token losses) / (supervised tokens of the whole
             # step, all ranks): per micro-batch, its share of that sum. DDP averages gradients over
             # ranks, so multiply by the world size to get the sum back.
@@ -459,6 +458,7 @@ def train(cfg, d=None, quiet=False):
                 break
         if cfg.stop_after and step >= cfg.stop_after:
             if d.master:
+                log.close()
                 print(f"stopping after step {step} (--stop-after)", file=sys.stderr)
             return model, fair
     bar.close()
