@@ -53,6 +53,8 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from model import check_state_dict
+
 PEFT_PREFIX = "base_model.model."
 
 
@@ -202,23 +204,14 @@ def unmerge_lora(model: nn.Module) -> None:
 
 
 def _load_lora_tensors(model: nn.Module, sd: dict[str, torch.Tensor], source: str) -> None:
-    """Strict copy of LoRA tensors into the model: every LoRA key present, nothing left over, shapes equal."""
+    """Strict copy of LoRA tensors into the model: every LoRA key present, nothing left over, shapes
+    equal (a wrong rank r shows as shape mismatches)."""
     own = lora_state_dict(model)
     if not own:
         raise ValueError(f"loading {source}: the model has no LoRA layers; call apply_lora first")
     if any(m.merged for m in lora_layers(model).values()):
         raise ValueError(f"loading {source}: unmerge_lora first (the old B A is folded into the weights)")
-    missing = sorted(own.keys() - sd.keys())
-    unexpected = sorted(sd.keys() - own.keys())
-    if missing or unexpected:
-        raise ValueError(f"loading {source}: adapter keys do not match the model.\n"
-                         f"  missing from the adapter ({len(missing)}): {missing[:8]}{' ...' if len(missing) > 8 else ''}\n"
-                         f"  unexpected in the adapter ({len(unexpected)}): {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}")
-    bad = [f"{k}: adapter {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
-           for k in own if sd[k].shape != own[k].shape]
-    if bad:
-        raise ValueError(f"loading {source}: shape mismatch (wrong rank r?) for {len(bad)} tensors, e.g.\n  "
-                         + "\n  ".join(bad[:8]))
+    check_state_dict(own, sd, source)
     with torch.no_grad():
         for k, p in own.items():
             p.copy_(sd[k])  # casts to the LoRA dtype (fp32) and device

@@ -640,29 +640,35 @@ def weight_files(folder):
                           f"and pytorch_model.bin[.index.json])")
 
 
-def _list(keys, n=8):
-    keys = sorted(keys)
-    return ", ".join(keys[:n]) + (f" ... ({len(keys)} in all)" if len(keys) > n else "")
+def _listed(items, n=8, sep=", "):
+    """The first n of the sorted items, then how many there are in all."""
+    items = sorted(items)
+    return sep.join(items[:n]) + (f" ... ({len(items)} in all)" if len(items) > n else "")
 
 
-def assign_checkpoint(module, sd, source):
-    """Strict load with a readable error: every missing, unexpected and mis-shaped key is named.
-    `assign=True` makes a model built on the meta device take the loaded tensors themselves, so
-    a 7B load holds one copy of the weights, not two."""
-    expected = module.state_dict(keep_vars=True)
-    missing = set(expected) - set(sd)
-    unexpected = set(sd) - set(expected)
-    shapes = [f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(expected[k].shape)}"
-              for k in set(sd) & set(expected) if sd[k].shape != expected[k].shape]
+def check_state_dict(expected, got, source):
+    """The project's one strict-load check: raise CheckpointError naming the source and every
+    missing, unexpected and mis-shaped key of `got` ({key: tensor}) against `expected`."""
+    missing = expected.keys() - got.keys()
+    unexpected = got.keys() - expected.keys()
+    shapes = [f"{k}: checkpoint {tuple(got[k].shape)} vs model {tuple(expected[k].shape)}"
+              for k in expected.keys() & got.keys() if got[k].shape != expected[k].shape]
     if missing or unexpected or shapes:
         msg = [f"{source}: checkpoint does not match the model"]
         if missing:
-            msg.append(f"missing keys: {_list(missing)}")
+            msg.append(f"missing keys: {_listed(missing)}")
         if unexpected:
-            msg.append(f"unexpected keys: {_list(unexpected)}")
+            msg.append(f"unexpected keys: {_listed(unexpected)}")
         if shapes:
-            msg.append("shape mismatches: " + "; ".join(sorted(shapes)[:8]))
+            msg.append(f"shape mismatches: {_listed(shapes, sep='; ')}")
         raise CheckpointError("\n  ".join(msg))
+
+
+def assign_checkpoint(module, sd, source):
+    """Strict load with a readable error (check_state_dict). `assign=True` makes a model built on
+    the meta device take the loaded tensors themselves, so a 7B load holds one copy of the
+    weights, not two."""
+    check_state_dict(module.state_dict(keep_vars=True), sd, source)
     module.load_state_dict(sd, strict=True, assign=True)
 
 
@@ -764,7 +770,7 @@ def load_projector(projector, path):
     sd = load_tensors(path)
     found = {k.split("mm_projector.", 1)[1]: v for k, v in sd.items() if "mm_projector." in k}
     if not found:
-        raise CheckpointError(f"{path}: no 'mm_projector.*' keys (found: {_list(sd)})")
+        raise CheckpointError(f"{path}: no 'mm_projector.*' keys (found: {_listed(sd)})")
     dtype = projector[0].weight.dtype
     assign_checkpoint(projector, _cast(found, dtype), str(path))
     return projector

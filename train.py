@@ -42,8 +42,8 @@ import data
 from fairness import FairnessConfig, FairnessRegularizer
 from lora import LoRAConfig, apply_lora, count_parameters, lora_state_dict, load_lora, \
     load_peft_adapter, mark_only_lora_as_trainable, save_peft_adapter
-from model import (LlamaConfig, LlavaModel, VisionConfig, load_llava, load_projector, load_tokenizer, lm_loss,
-                   supervised_weight)
+from model import (LlamaConfig, LlavaModel, VisionConfig, check_state_dict, load_llava, load_projector,
+                   load_tokenizer, lm_loss, supervised_weight)
 
 METHODS = ("lora", "resample", "reweight", "fairllava")
 
@@ -528,11 +528,7 @@ def load_checkpoint(path, model, fair, opt, dac_opt, sched):
     st = torch.load(path, map_location="cpu", weights_only=False)
     sd = st["trainable"]
     expected = trainable_state(model, fair)
-    missing, unexpected = set(expected) - set(sd), set(sd) - set(expected)
-    bad = [k for k in set(sd) & set(expected) if sd[k].shape != expected[k].shape]
-    if missing or unexpected or bad:
-        raise ValueError(f"{path}: checkpoint does not match this run's model/method: missing {sorted(missing)[:5]}, "
-                         f"unexpected {sorted(unexpected)[:5]}, mis-shaped {sorted(bad)[:5]}")
+    check_state_dict(expected, sd, f"--resume {path} (this run's model/method)")
     with torch.no_grad():
         for k, v in expected.items():
             v.copy_(sd[k])

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from model import (IGNORE_INDEX, IMAGE_TOKEN_INDEX, CheckpointError, Llama, LlamaConfig, LlavaModel,
-                   VisionConfig, build_projector, conversation_prompt, generate, load_llama,
+                   VisionConfig, build_projector, check_state_dict, conversation_prompt, generate, load_llama,
                    load_projector, load_tokenizer, lm_loss, save_llama, tokenize_with_image, tiny_llava)
 
 transformers = pytest.importorskip("transformers")
@@ -295,6 +295,22 @@ def test_checkpoint_key_errors(tmp_path):
     assert "unexpected keys: model.layers.0.self_attn.q_proj.bias" in msg
     assert "model.layers.0.self_attn.k_proj.weight: checkpoint (3, 64) vs model (64, 64)" in msg
     assert str(tmp_path) in msg
+
+
+def test_check_state_dict_cuts_every_list_at_the_same_length():
+    expected = {f"w{i:02d}": torch.zeros(2) for i in range(20)}
+    got = {f"w{i:02d}": torch.zeros(2) for i in range(10, 20)}  # w00-w09 missing
+    got.update({f"w{i:02d}": torch.zeros(3) for i in range(10, 19)})  # w10-w18 mis-shaped
+    got.update({f"x{i:02d}": torch.zeros(1) for i in range(9)})  # 9 unexpected
+    with pytest.raises(CheckpointError) as e:
+        check_state_dict(expected, got, "some/file.bin")
+    lines = str(e.value).split("\n  ")
+    assert lines[0] == "some/file.bin: checkpoint does not match the model"
+    assert lines[1] == "missing keys: " + ", ".join(f"w{i:02d}" for i in range(8)) + " ... (10 in all)"
+    assert lines[2] == "unexpected keys: " + ", ".join(f"x{i:02d}" for i in range(8)) + " ... (9 in all)"
+    assert lines[3] == "shape mismatches: " + "; ".join(f"w{i:02d}: checkpoint (3,) vs model (2,)"
+                                                        for i in range(10, 18)) + " ... (9 in all)"
+    check_state_dict(expected, dict(expected), "same")  # a match raises nothing
 
 
 def test_folder_without_weights(tmp_path):
