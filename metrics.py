@@ -554,8 +554,9 @@ def group_scores(
     return out
 
 
-def _report(score, n, name, attribute, groups, min_group_size, m_all, n_resamples, seed, confidence):
-    # score(indices) scores a subset of the n samples; groups labels each of them
+def _fairness_report_for(score, n, name, attribute, groups, min_group_size, m_all, n_resamples, seed, confidence):
+    """The FairnessReport of one metric and one attribute, for fairness_report and fairness_table:
+    score(indices) scores a subset of the n samples, groups labels each of them."""
     if m_all not in ("whole_set", "group_mean"):
         raise ValueError(f"m_all must be 'whole_set' (paper) or 'group_mean' (official script), got {m_all!r}")
     names, codes = _group_codes(groups, n, attribute)
@@ -573,11 +574,12 @@ def _report(score, n, name, attribute, groups, min_group_size, m_all, n_resample
         for k in range(len(names)):
             members = idx[codes[idx] == k]
             out[k] = score(members) if len(members) else math.nan
-        kept = np.array([out[k] for k in eligible])
+        kept = [out[k] for k in eligible]
         out["m_all"] = out["overall"] if m_all == "whole_set" else float(np.mean(kept))
-        # numpy's max/min propagate NaN (Python's do not), so a gap that lacks a group is NaN
-        out["gap"] = float(np.max(kept) - np.min(kept))
-        out["es"] = out["m_all"] / (1.0 + out["gap"])
+        if any(math.isnan(x) for x in kept):  # a resample that lacks a compared group has no gap
+            out["gap"] = out["es"] = math.nan
+        else:
+            out.update(es_metric(out["m_all"], kept))
         return out
 
     point = evaluate(np.arange(n))
@@ -634,7 +636,8 @@ def fairness_report(
     """
     score = _scorer(metric, hyps, refs)
     name = getattr(metric, "name", getattr(metric, "__name__", "metric"))
-    return _report(score, len(hyps), name, attribute, groups, min_group_size, m_all, n_resamples, seed, confidence)
+    return _fairness_report_for(score, len(hyps), name, attribute, groups, min_group_size, m_all, n_resamples,
+                                seed, confidence)
 
 
 def fairness_table(
@@ -650,8 +653,8 @@ def fairness_table(
         _group_codes(groups, len(hyps), attribute)
     scorers = {name: _scorer(metric, hyps, refs) for name, metric in metrics.items()}
     return [
-        _report(scorers[name], len(hyps), name, attribute, groups, min_group_size, m_all, n_resamples, seed,
-                confidence)
+        _fairness_report_for(scorers[name], len(hyps), name, attribute, groups, min_group_size, m_all, n_resamples,
+                             seed, confidence)
         for attribute, groups in attrs.items()
         for name in metrics
     ]

@@ -417,6 +417,19 @@ def test_fairness_report_group_mean_variant():
     assert official.es == pytest.approx(official.m_all / (1 + gap))
 
 
+@pytest.mark.parametrize("m_all", ["whole_set", "group_mean"])
+def test_fairness_report_uses_es_metric(m_all):
+    # the report's gap and ES are es_metric's on the compared groups' scores, to the last bit
+    rng = random.Random(14)
+    refs = [random_text(rng) for _ in range(60)]
+    hyps = [mutate(rng, r) for r in refs]
+    groups = [rng.choice(["A", "B", "C", "D"]) for _ in refs[:-2]] + ["E", "E"]  # E is too small to compare
+    r = M.fairness_report(M.bleu(4), hyps, refs, groups, min_group_size=5, m_all=m_all)
+    compared = {g: s.score for g, s in r.groups.items() if not s.small}
+    assert set(compared) == {"A", "B", "C", "D"}
+    assert {"gap": r.gap, "es": r.es} == M.es_metric(r.m_all, compared)
+
+
 def test_small_groups_are_flagged_and_left_out_of_the_gap():
     hyps = ["x"] * 5 + ["y"] * 5 + ["y"]
     refs = ["x"] * 11
