@@ -335,11 +335,6 @@ def _f(x):
     return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.2f}"
 
 
-def _table(header, rows):
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
-
-
 def headline(results):
     """The paper's table as one flat dict: ES-M and gap of each headline metric per attribute
     ("ES-BLEU4(R)", "Δ-BLEU4(R)", ...), the whole-set headline scores, and the probe accuracies
@@ -365,7 +360,7 @@ def compare_markdown(results_by_method):
     keys = list(dict.fromkeys(k for h in flat.values() for k in h))  # union, in first-seen order
 
     def table(cols):
-        return _table(["Method"] + cols, [[m] + [_f(h.get(k)) for k in cols] for m, h in flat.items()])
+        return metrics.markdown_table(["Method"] + cols, [[m] + [_f(h.get(k)) for k in cols] for m, h in flat.items()])
 
     parts = []
     es_cols = [k for k in keys if k.startswith("ES-")]
@@ -377,8 +372,8 @@ def compare_markdown(results_by_method):
         parts.append(table([k for k in keys if k.startswith("Δ-")]))
     names = list(first["overall"])
     parts.append(f"\nWhole test set (n = {first['n']}).\n")
-    parts.append(_table(["Method"] + names, [[m] + [_f(r["overall"].get(n, {}).get("score")) for n in names]
-                                             for m, r in results_by_method.items()]))
+    rows = [[m] + [_f(r["overall"].get(n, {}).get("score")) for n in names] for m, r in results_by_method.items()]
+    parts.append(metrics.markdown_table(["Method"] + names, rows))
     probed = [a for a in ATTRIBUTES if any(a in r.get("probe", {}) for r in results_by_method.values())]
     if probed:
         parts.append("\nLinear probe on h: attribute accuracy % (chance = majority class). Closer to chance = "
@@ -387,7 +382,7 @@ def compare_markdown(results_by_method):
         for m, r in results_by_method.items():
             p = r.get("probe", {})
             rows.append([m] + [f"{p[a]['accuracy']:.1f} ({p[a]['chance']:.1f})" if a in p else "–" for a in probed])
-        parts.append(_table(["Method"] + probed, rows))
+        parts.append(metrics.markdown_table(["Method"] + probed, rows))
     return "\n".join(parts) + "\n"
 
 
@@ -401,14 +396,14 @@ def groups_markdown(results):
         groups = by_metric[names[0]]["groups"]
         rows = [[f"{g}{'*' if s['small'] else ''}", str(s["n"])]
                 + [_f(by_metric[n]["groups"][g]["score"]) for n in names] for g, s in groups.items()]
-        parts.append(f"\n### {a}\n\n" + _table(["group", "n"] + names, rows))
+        parts.append(f"\n### {a}\n\n" + metrics.markdown_table(["group", "n"] + names, rows))
         rows = []
         for short, n in results["headline"].items():
             rep = by_metric[n]
             ci = lambda k: f" [{_f(rep['ci'][k][0])}, {_f(rep['ci'][k][1])}]" if k in rep["ci"] else ""
             rows.append([n, _f(rep["m_all"]) + ci("m_all"), _f(rep["gap"]) + ci("gap"), _f(rep["es"]) + ci("es")])
         parts.append(f"\n{pct}% bootstrap intervals ({results['n_resamples']} resamples) in brackets.\n\n"
-                     + _table(["metric", "M_all", "Δ", "ES"], rows))
+                     + metrics.markdown_table(["metric", "M_all", "Δ", "ES"], rows))
     return "\n".join(parts) + "\n"
 
 

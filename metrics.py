@@ -671,6 +671,12 @@ def bootstrap_ci(
     return percentile_interval([score(rng.integers(0, n, size=n)) for _ in range(n_resamples)], confidence)
 
 
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """A GitHub Markdown table of already formatted cells: the project's one table renderer."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
+
+
 def format_table(reports: Sequence[FairnessReport]) -> str:
     """One line per report: M_all, gap, ES and the group scores (* = small group, not in the gap)."""
     lines = [f"{'attribute':<12} {'metric':<24} {'M_all':>7} {'gap':>7} {'ES':>7}  groups"]

@@ -518,6 +518,12 @@ def test_fairness_table():
     assert table[2] == M.FairnessReport(**{**vars(single), "metric": "EM"})
 
 
+def test_markdown_table():
+    assert M.markdown_table(["Method", "ES"], [["LoRA", "1.00"], ["FairLLaVA", "–"]]) == (
+        "| Method | ES |\n|---|---|\n| LoRA | 1.00 |\n| FairLLaVA | – |")
+    assert M.markdown_table(["a"], []) == "| a |\n|---|"
+
+
 def test_default_metric_sets_score():
     hyps = ["No pleural effusion. Mild cardiomegaly.", "Small left effusion."]
     refs = ["Mild cardiomegaly. No effusion.", "Left pleural effusion."]
