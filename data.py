@@ -1,4 +1,5 @@
-"""Data for FairLLaVA: records, images, prompts and labels, batches, the baselines, a demo data set.
+"""Data for FairLLaVA: records, images, the tokenizer and prompt template, labels, batches, the
+baselines, a demo data set.
 
 FairLLaVA (CVPR 2026, arXiv 2603.26008) fine-tunes a LLaVA-style model for chest X-ray report
 generation (MIMIC-CXR, PadChest) and dermoscopy QA (HAM10000), and reports every metric per group of
@@ -38,7 +39,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from model import IGNORE_INDEX, IMAGE_TOKEN_INDEX, conversation_prompt, load_tokenizer, tokenize_with_image
+from model import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 
 # ----------------------------------------------------------------------------------------------
 # Demographic attributes: codes, bins and names, declared once
@@ -361,6 +362,52 @@ class ImageProcessor:
         image = image.crop((left, top, left + s, top + s))
         x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)  # (3, S, S)
         return (x - torch.tensor(self.mean).view(3, 1, 1)) / torch.tensor(self.std).view(3, 1, 1)
+
+
+# The tokenizer and the Vicuna "v1" conversation template
+
+DEFAULT_IMAGE_TOKEN = "<image>"  # in the question text; becomes IMAGE_TOKEN_INDEX in the ids
+SYSTEM_PROMPT = ("A chat between a curious user and an artificial intelligence assistant. "
+                 "The assistant gives helpful, detailed, and polite answers to the user's questions.")
+
+
+def load_tokenizer(path):
+    """A `tokenizers` tokenizer.json (file or folder). Vicuna ships only the SentencePiece
+    tokenizer.model; its vocabulary is Llama-2's, whose tokenizer.json is published e.g. in
+    hf-internal-testing/llama-tokenizer — put that file next to the weights."""
+    from tokenizers import Tokenizer
+    p = Path(path)
+    if p.is_dir():
+        if not (p / "tokenizer.json").is_file():
+            hint = " (only tokenizer.model found: use Llama-2's tokenizer.json, see README)" \
+                if (p / "tokenizer.model").is_file() else ""
+            raise FileNotFoundError(f"{p}: no tokenizer.json{hint}")
+        p = p / "tokenizer.json"
+    if not p.is_file():
+        raise FileNotFoundError(f"{p}: tokenizer file not found")
+    return Tokenizer.from_file(str(p))
+
+
+def conversation_prompt(question, answer=None, system=SYSTEM_PROMPT):
+    """LLaVA's "v1" template (sep " ", sep2 "</s>"): `{system} USER: {question} ASSISTANT:`,
+    followed by ` {answer}</s>` for a training example."""
+    prompt = f"{system} USER: {question} ASSISTANT:"
+    return prompt if answer is None else f"{prompt} {answer}</s>"
+
+
+def tokenize_with_image(tokenizer, text):
+    """Token ids with `<image>` -> IMAGE_TOKEN_INDEX. As LLaVA does: encode each chunk between
+    `<image>` markers on its own (with special tokens), keep the BOS of the first chunk only."""
+    bos = tokenizer.token_to_id("<s>")
+    ids = []
+    for i, chunk in enumerate(text.split(DEFAULT_IMAGE_TOKEN)):
+        enc = tokenizer.encode(chunk).ids
+        if i > 0:
+            ids.append(IMAGE_TOKEN_INDEX)
+            if enc and enc[0] == bos:
+                enc = enc[1:]
+        ids.extend(enc)
+    return ids
 
 
 def encode_example(tokenizer, question, answer, max_length=2048, item_id="?"):

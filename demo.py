@@ -36,8 +36,8 @@ import torch.nn.functional as F
 
 import data
 import evaluate
-from model import (Llama, LlamaConfig, VisionConfig, VisionTransformer, conversation_prompt,
-                   load_tokenizer, save_llama)
+from data import conversation_prompt, load_tokenizer
+from model import Llama, LlamaConfig, VisionConfig, VisionTransformer, save_llama
 from train import cosine_lr, train
 
 # The stand-in base models (fixed: they play the role of downloaded weights).

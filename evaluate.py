@@ -48,10 +48,11 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import metrics
-from data import ATTRIBUTES, DATASETS, UNKNOWN, ImageProcessor, ReportDataset, collate, load_image, read_llava_json
+from data import (ATTRIBUTES, DATASETS, UNKNOWN, ImageProcessor, ReportDataset, collate, conversation_prompt, load_image,
+                  load_tokenizer, read_llava_json, tokenize_with_image)
 from fairness import pool_hidden, token_mask
 from lora import load_peft_adapter, merge_lora
-from model import conversation_prompt, generate, load_llava, load_tokenizer, tokenize_with_image
+from model import generate, load_llava
 
 # The metrics of each data set, and which of them make the paper's equity-scaled table and the chart.
 # short column name -> metric name. The paper's clinical column is RadGraph-F1 (MIMIC main table) and

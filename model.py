@@ -12,8 +12,8 @@ is needed to use them for real:
   checkpoint's tensor shapes (stock BiomedCLIP ViT-B/16 at 224 px, LLaVA-Rad's ViT-B/14 at 518 px).
 - `LlavaModel`: image patch tokens -> `mm_projector` -> spliced into the text embeddings where
   input_ids holds the image sentinel -200 (LLaVA's convention).
-- loading (local folder or hub id; safetensors or pickled .bin, sharded or not), the tokenizer and
-  the Vicuna "v1" conversation template, and `generate` (greedy or sampled, batched, KV cache).
+- loading (local folder or hub id; safetensors or pickled .bin, sharded or not) and `generate`
+  (greedy or sampled, batched, KV cache). The tokenizer and the conversation template are in data.py.
 
 Run `python model.py` for a smoke test: a tiny random LLaVA does a forward pass and greedy
 generation on CPU in about a second.
@@ -32,7 +32,6 @@ from torch.utils.checkpoint import checkpoint
 
 IMAGE_TOKEN_INDEX = -200  # sentinel id standing for "the image goes here" in input_ids
 IGNORE_INDEX = -100  # label value that the LM loss skips
-DEFAULT_IMAGE_TOKEN = "<image>"
 
 
 class CheckpointError(ValueError):
@@ -788,52 +787,6 @@ def load_llava(llm_path, vision_path, projector_path=None, dtype=torch.float32, 
     if projector_path is not None:
         load_projector(model.mm_projector, projector_path)
     return model
-
-
-# ----------------------------------------------------------------------------------------------
-# Tokenizer and the Vicuna "v1" conversation template
-
-SYSTEM_PROMPT = ("A chat between a curious user and an artificial intelligence assistant. "
-                 "The assistant gives helpful, detailed, and polite answers to the user's questions.")
-
-
-def load_tokenizer(path):
-    """A `tokenizers` tokenizer.json (file or folder). Vicuna ships only the SentencePiece
-    tokenizer.model; its vocabulary is Llama-2's, whose tokenizer.json is published e.g. in
-    hf-internal-testing/llama-tokenizer — put that file next to the weights."""
-    from tokenizers import Tokenizer
-    p = Path(path)
-    if p.is_dir():
-        if not (p / "tokenizer.json").is_file():
-            hint = " (only tokenizer.model found: use Llama-2's tokenizer.json, see README)" \
-                if (p / "tokenizer.model").is_file() else ""
-            raise FileNotFoundError(f"{p}: no tokenizer.json{hint}")
-        p = p / "tokenizer.json"
-    if not p.is_file():
-        raise FileNotFoundError(f"{p}: tokenizer file not found")
-    return Tokenizer.from_file(str(p))
-
-
-def conversation_prompt(question, answer=None, system=SYSTEM_PROMPT):
-    """LLaVA's "v1" template (sep " ", sep2 "</s>"): `{system} USER: {question} ASSISTANT:`,
-    followed by ` {answer}</s>` for a training example."""
-    prompt = f"{system} USER: {question} ASSISTANT:"
-    return prompt if answer is None else f"{prompt} {answer}</s>"
-
-
-def tokenize_with_image(tokenizer, text):
-    """Token ids with `<image>` -> IMAGE_TOKEN_INDEX. As LLaVA does: encode each chunk between
-    `<image>` markers on its own (with special tokens), keep the BOS of the first chunk only."""
-    bos = tokenizer.token_to_id("<s>")
-    ids = []
-    for i, chunk in enumerate(text.split(DEFAULT_IMAGE_TOKEN)):
-        enc = tokenizer.encode(chunk).ids
-        if i > 0:
-            ids.append(IMAGE_TOKEN_INDEX)
-            if enc and enc[0] == bos:
-                enc = enc[1:]
-        ids.extend(enc)
-    return ids
 
 
 # ----------------------------------------------------------------------------------------------

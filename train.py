@@ -42,8 +42,9 @@ import data
 from fairness import FairnessConfig, FairnessRegularizer
 from lora import LoRAConfig, apply_lora, count_parameters, lora_state_dict, load_lora, \
     load_peft_adapter, mark_only_lora_as_trainable, save_peft_adapter
-from model import (LlamaConfig, LlavaModel, VisionConfig, check_state_dict, load_llava, load_projector,
-                   load_tokenizer, lm_loss, supervised_weight)
+from data import load_tokenizer
+from model import (LlamaConfig, LlavaModel, VisionConfig, check_state_dict, load_llava, load_projector, lm_loss,
+                   supervised_weight)
 
 METHODS = ("lora", "resample", "reweight", "fairllava")
 

@@ -1,5 +1,5 @@
-"""Data (data.py): attribute codes, label masking, images, batches, the resampling/reweighting
-baselines, bad input, and the synthetic benchmark (determinism, planted shortcut, pixel leak)."""
+"""Data (data.py): attribute codes, the tokenizer and template, label masking, images, batches, the
+resampling/reweighting baselines, bad input, and the synthetic benchmark (determinism, planted shortcut, pixel leak)."""
 
 import csv
 import json
@@ -9,13 +9,14 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from tokenizers import Tokenizer, models, pre_tokenizers, processors
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 import data
-from data import (ATTRIBUTES, CLIP_MEAN, CLIP_STD, DataError, GroupBalancedSampler, ImageProcessor,
-                  ReportDataset, SyntheticConfig, collate, encode_example, extract_findings, group_labels,
-                  inverse_frequency_weights, make_synthetic, read_llava_json)
-from model import IGNORE_INDEX, IMAGE_TOKEN_INDEX, SYSTEM_PROMPT, conversation_prompt, load_tokenizer, tokenize_with_image
+from data import (ATTRIBUTES, CLIP_MEAN, CLIP_STD, SYSTEM_PROMPT, DataError, GroupBalancedSampler, ImageProcessor,
+                  ReportDataset, SyntheticConfig, collate, conversation_prompt, encode_example, extract_findings,
+                  group_labels, inverse_frequency_weights, load_tokenizer, make_synthetic, read_llava_json,
+                  tokenize_with_image)
+from model import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 
 
 @pytest.fixture(scope="module")
@@ -52,6 +53,42 @@ def test_attribute_encodings():
                     (None, data.age_group), ("3", data.encode_age_group)):
         with pytest.raises(ValueError):
             fn(bad)
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenizer and template
+
+
+def llama_like_tokenizer(path):
+    """A small Llama-style tokenizer.json (Metaspace pre-tokenizer, <s> prepended) for tests."""
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"])
+    text = [conversation_prompt("<image>\nDescribe the findings.", "No acute findings. Heart size normal.")] * 20
+    tok.train_from_iterator(text, trainer)
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    tok.save(str(path))
+    return path
+
+
+def test_tokenizer_image_sentinel(tmp_path):
+    tok = load_tokenizer(llama_like_tokenizer(tmp_path / "tokenizer.json"))
+    assert tok.token_to_id("<s>") == 1 and tok.token_to_id("</s>") == 2
+    text = conversation_prompt("<image>\nDescribe the findings.")
+    assert text.startswith("A chat between") and text.endswith("USER: <image>\nDescribe the findings. ASSISTANT:")
+    ids = tokenize_with_image(tok, text)
+    assert ids[0] == 1 and ids.count(1) == 1 and ids.count(IMAGE_TOKEN_INDEX) == 1
+    before, after = text.split("<image>")
+    i = ids.index(IMAGE_TOKEN_INDEX)
+    assert ids[:i] == tok.encode(before).ids and ids[i + 1:] == tok.encode(after).ids[1:]
+    assert tokenize_with_image(tok, "no image here") == tok.encode("no image here").ids
+
+
+def test_tokenizer_missing(tmp_path):
+    (tmp_path / "tokenizer.model").write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match="only tokenizer.model found"):
+        load_tokenizer(tmp_path)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -14,10 +14,9 @@ from PIL import Image
 
 import evaluate as E
 import metrics as M
-from data import ImageProcessor, read_llava_json, train_demo_tokenizer
+from data import ImageProcessor, conversation_prompt, read_llava_json, tokenize_with_image, train_demo_tokenizer
 from lora import LoRAConfig, apply_lora, lora_layers, save_peft_adapter
-from model import (LlamaConfig, conversation_prompt, generate, save_llama, tiny_llava,
-                   tokenize_with_image)
+from model import LlamaConfig, generate, save_llama, tiny_llava
 
 ROOT = Path(__file__).resolve().parent.parent
 N = 36

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from model import (IGNORE_INDEX, IMAGE_TOKEN_INDEX, CheckpointError, Llama, LlamaConfig, LlavaModel,
-                   VisionConfig, build_projector, check_state_dict, conversation_prompt, generate, load_llama,
-                   load_projector, load_tokenizer, lm_loss, save_llama, tokenize_with_image, tiny_llava)
+                   VisionConfig, build_projector, check_state_dict, generate, load_llama, load_projector, lm_loss,
+                   save_llama, tiny_llava)
 
 transformers = pytest.importorskip("transformers")
 
@@ -338,42 +338,6 @@ def test_projector_from_official_files(tmp_path):
     torch.save({"something": torch.zeros(1)}, tmp_path / "other.bin")
     with pytest.raises(CheckpointError, match="no 'mm_projector"):
         load_projector(build_projector(32, 64), tmp_path / "other.bin")
-
-
-# --- tokenizer and template ------------------------------------------------------------------
-
-
-def llama_like_tokenizer(path):
-    """A small Llama-style tokenizer.json (Metaspace pre-tokenizer, <s> prepended) for tests."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, decoders, processors, trainers
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Metaspace()
-    tok.decoder = decoders.Metaspace()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"])
-    text = [conversation_prompt("<image>\nDescribe the findings.", "No acute findings. Heart size normal.")] * 20
-    tok.train_from_iterator(text, trainer)
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    tok.save(str(path))
-    return path
-
-
-def test_tokenizer_image_sentinel(tmp_path):
-    tok = load_tokenizer(llama_like_tokenizer(tmp_path / "tokenizer.json"))
-    assert tok.token_to_id("<s>") == 1 and tok.token_to_id("</s>") == 2
-    text = conversation_prompt("<image>\nDescribe the findings.")
-    assert text.startswith("A chat between") and text.endswith("USER: <image>\nDescribe the findings. ASSISTANT:")
-    ids = tokenize_with_image(tok, text)
-    assert ids[0] == 1 and ids.count(1) == 1 and ids.count(IMAGE_TOKEN_INDEX) == 1
-    before, after = text.split("<image>")
-    i = ids.index(IMAGE_TOKEN_INDEX)
-    assert ids[:i] == tok.encode(before).ids and ids[i + 1:] == tok.encode(after).ids[1:]
-    assert tokenize_with_image(tok, "no image here") == tok.encode("no image here").ids
-
-
-def test_tokenizer_missing(tmp_path):
-    (tmp_path / "tokenizer.model").write_bytes(b"")
-    with pytest.raises(FileNotFoundError, match="only tokenizer.model found"):
-        load_tokenizer(tmp_path)
 
 
 def test_llava_from_loaded_parts(tmp_path):

@@ -13,7 +13,8 @@ import torch
 
 import data
 import train
-from model import Llama, LlamaConfig, VisionConfig, VisionTransformer, load_tokenizer, save_llama
+from data import load_tokenizer
+from model import Llama, LlamaConfig, VisionConfig, VisionTransformer, save_llama
 
 ROOT = Path(__file__).resolve().parent.parent
 
