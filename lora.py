@@ -50,7 +50,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from model import check_state_dict
@@ -215,25 +214,6 @@ def _load_lora_tensors(model: nn.Module, sd: dict[str, torch.Tensor], source: st
     with torch.no_grad():
         for k, p in own.items():
             p.copy_(sd[k])  # casts to the LoRA dtype (fp32) and device
-
-
-def save_lora(model: nn.Module, path: str) -> None:
-    """Save only the LoRA tensors (keys relative to `model`) to a .safetensors file."""
-    layers = lora_layers(model)
-    meta = {"r": json.dumps(sorted({m.r for m in layers.values()})),
-            "alpha": json.dumps(sorted({m.alpha for m in layers.values()}))}
-    save_file({k: v.cpu().contiguous() for k, v in lora_state_dict(model).items()}, path, metadata=meta)
-
-
-def load_lora(model: nn.Module, path: str) -> None:
-    """Load a file written by save_lora into a model that apply_lora has already wrapped."""
-    with safe_open(path, "pt") as f:
-        meta = f.metadata() or {}
-    # alpha leaves no trace in the tensor shapes: check it, or the update would be silently rescaled
-    have = sorted({m.alpha for m in lora_layers(model).values()})
-    if "alpha" in meta and json.loads(meta["alpha"]) != have:
-        raise ValueError(f"loading {path}: saved with LoRA alpha {meta['alpha']}, the model has {have}")
-    _load_lora_tensors(model, load_file(path), path)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -40,8 +40,8 @@ from tqdm import tqdm
 
 import data
 from fairness import FairnessConfig, FairnessRegularizer
-from lora import LoRAConfig, apply_lora, count_parameters, lora_state_dict, load_lora, \
-    load_peft_adapter, mark_only_lora_as_trainable, save_peft_adapter
+from lora import LoRAConfig, apply_lora, count_parameters, lora_state_dict, load_peft_adapter, \
+    mark_only_lora_as_trainable, save_peft_adapter
 from data import load_tokenizer
 from model import (LlamaConfig, LlavaModel, VisionConfig, check_state_dict, load_llava, load_projector, lm_loss,
                    supervised_weight)

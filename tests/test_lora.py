@@ -266,30 +266,31 @@ def test_ddp_registers_only_the_lora_parameters(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
-# Files: our safetensors format and the PEFT format
+# Files: the PEFT format
 
 
-def test_save_load_lora_holds_only_lora_tensors(tmp_path):
+def test_peft_adapter_round_trip_holds_only_lora_tensors(tmp_path):
     src = tiny_llama()
     lora.apply_lora(src, LoRAConfig.tiny())
     randomize_B(src)
-    path = str(tmp_path / "lora.safetensors")
-    lora.save_lora(src, path)
-    assert set(load_file(path)) == set(lora.lora_state_dict(src))
-    assert len(load_file(path)) == 2 * 7 * 2
+    lora.save_peft_adapter(src, str(tmp_path))
+    saved = load_file(str(tmp_path / "adapter_model.safetensors"))
+    assert set(saved) == {lora.PEFT_PREFIX + k for k in lora.lora_state_dict(src)}
+    assert len(saved) == 2 * 7 * 2
 
     dst = tiny_llama()  # same base weights, fresh adapter
     lora.apply_lora(dst, LoRAConfig.tiny())
     ids = tokens()
     with torch.no_grad():
         assert not torch.allclose(dst(ids), src(ids))
-        lora.load_lora(dst, path)
+        lora.load_peft_adapter(dst, str(tmp_path))
         assert torch.equal(dst(ids), src(ids))
 
+    # alpha leaves no trace in the tensor shapes: a model wrapped with another alpha is refused
     wrong_alpha = tiny_llama()
     lora.apply_lora(wrong_alpha, LoRAConfig.tiny(alpha=5.0))
     with pytest.raises(ValueError, match="alpha"):
-        lora.load_lora(wrong_alpha, path)
+        lora.load_peft_adapter(wrong_alpha, str(tmp_path))
 
 
 def _hf_and_ours(seed=0):
