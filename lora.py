@@ -37,8 +37,8 @@ What is left out of PEFT's LoRA: DoRA, rsLoRA, per-module ranks (rank_pattern), 
 embeddings or convolutions, and several adapters per model. Loading an adapter that uses them fails
 with an error naming the field.
 
-Count the trainable parameters at the Vicuna-7B size (built on the meta device, no memory):
-    python lora.py --count      # trainable (LoRA): 159,907,840   frozen (base): 6,738,415,616
+The trainable and frozen parameter counts at the Vicuna-7B size (159,907,840 LoRA parameters at
+r 64): `python train.py --dry-run`.
 """
 
 import json
@@ -303,35 +303,3 @@ def load_peft_adapter(model: nn.Module, adapter_dir: str) -> LoRAConfig:
             raise ValueError(f"{config_path}: lora_alpha {cfg.alpha} but the model's LoRA layers have alpha {alphas}")
     _load_lora_tensors(model, {_from_peft_key(k): v for k, v in sd.items()}, path)
     return cfg
-
-
-def count_vicuna7b(r: int = 64) -> tuple[int, int]:
-    """(trainable, frozen) parameters of Vicuna-7B with LoRA r on all seven projections, built on the
-    meta device (shapes only, no memory). By hand: 32 layers * r * (4 * (4096 + 4096)
-    + 3 * (4096 + 11008)) = 159,907,840 at r 64, next to Llama-2-7B's 6,738,415,616."""
-    from model import Llama, LlamaConfig
-
-    with torch.device("meta"):
-        llm = Llama(LlamaConfig())
-    apply_lora(llm, LoRAConfig(r=r))
-    mark_only_lora_as_trainable(llm)
-    return count_parameters(llm)
-
-
-def main(argv=None):
-    import argparse
-
-    parser = argparse.ArgumentParser(description="LoRA parameter count at the Vicuna-7B size")
-    parser.add_argument("--count", action="store_true", help="print trainable LoRA and frozen parameter counts")
-    parser.add_argument("--r", type=int, default=64, help="LoRA rank")
-    args = parser.parse_args(argv)
-    if not args.count:
-        parser.error("nothing to do: pass --count")
-    trainable, frozen = count_vicuna7b(args.r)
-    print(f"Vicuna-7B, LoRA r={args.r} on q,k,v,o,gate,up,down of all 32 layers (meta device)")
-    print(f"trainable (LoRA): {trainable:>13,}  ({100 * trainable / (trainable + frozen):.2f}% of all)")
-    print(f"frozen (base):    {frozen:>13,}")
-
-
-if __name__ == "__main__":
-    main()

@@ -440,17 +440,3 @@ def test_unsupported_peft_options_and_missing_files(tmp_path):
     os.remove(tmp_path / "adapter_model.safetensors")
     with pytest.raises(FileNotFoundError, match="adapter_model.safetensors nor adapter_model.bin"):
         lora.load_peft_adapter(tiny_llama(), str(tmp_path))
-
-
-# ---------------------------------------------------------------------------------------------
-# Parameter count at the paper's size
-
-
-def test_vicuna7b_parameter_count(capsys):
-    # per layer: r * (in + out) for q, k, v, o (4096 -> 4096), gate, up (4096 -> 11008), down (11008 -> 4096)
-    per_layer = 64 * (4 * (4096 + 4096) + 3 * (4096 + 11008))
-    assert 32 * per_layer == 159_907_840
-    lora.main(["--count"])
-    out = capsys.readouterr().out
-    assert "trainable (LoRA):   159,907,840" in out
-    assert "frozen (base):    6,738,415,616" in out  # Llama-2-7B's published size

@@ -170,6 +170,9 @@ def test_stage1_trains_projector_only(env, tmp_path):
 def test_dry_run_counts(capsys):
     train.main(["--dry-run"])
     out = capsys.readouterr().out
-    assert "159,907,840" in out  # LoRA r=64 on the seven projections of Vicuna-7B
+    # LoRA r=64 on the seven projections of Vicuna-7B, per layer r * (in + out) for q, k, v, o
+    # (4096 -> 4096), gate, up (4096 -> 11008) and down (11008 -> 4096)
+    assert 32 * 64 * (4 * (4096 + 4096) + 3 * (4096 + 11008)) == 159_907_840
+    assert "159,907,840" in out
     assert "57,358" in out  # the paper's "~57K" DAC
     assert "6,738,415,616" in out and "GiB" in out
