@@ -698,8 +698,8 @@ def load_llama(path_or_repo, dtype=torch.float32, device="cpu", revision=None):
     return model
 
 
-def save_llama(model, folder, shard_size=None):
-    """Write an HF-layout folder (config.json + model.safetensors, or shards with an index)."""
+def save_llama(model, folder):
+    """Write an HF-layout folder: config.json + model.safetensors."""
     from safetensors.torch import save_file
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -707,23 +707,7 @@ def save_llama(model, folder, shard_size=None):
     sd = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     if model.config.tie_word_embeddings:
         sd.pop("lm_head.weight")
-    if shard_size is None:
-        save_file(sd, str(folder / "model.safetensors"), metadata={"format": "pt"})
-        return
-    shards, cur, size = [], {}, 0
-    for k, v in sd.items():
-        if cur and size + v.numel() * v.element_size() > shard_size:
-            shards.append(cur)
-            cur, size = {}, 0
-        cur[k] = v
-        size += v.numel() * v.element_size()
-    shards.append(cur)
-    weight_map = {}
-    for i, shard in enumerate(shards):
-        name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(folder / name), metadata={"format": "pt"})
-        weight_map.update({k: name for k in shard})
-    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    save_file(sd, str(folder / "model.safetensors"), metadata={"format": "pt"})
 
 
 def _vision_file(path):

@@ -191,9 +191,24 @@ def test_llava_bad_inputs():
 # --- loading the official layouts ------------------------------------------------------------
 
 
+def write_sharded_safetensors(model, folder, n_shards=3):
+    """The layout of a large HF checkpoint: model-0000i-of-0000n.safetensors + an index json."""
+    from safetensors.torch import save_file
+    save_llama(model, folder)  # for config.json
+    (folder / "model.safetensors").unlink()
+    keys = list(model.state_dict())
+    weight_map = {}
+    for i in range(n_shards):
+        name = f"model-{i + 1:05d}-of-{n_shards:05d}.safetensors"
+        shard = {k: model.state_dict()[k].contiguous() for k in keys[i::n_shards]}
+        save_file(shard, str(folder / name), metadata={"format": "pt"})
+        weight_map.update({k: name for k in shard})
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+
+
 def test_load_sharded_safetensors(tmp_path):
     ours = random_llama(CONFIGS["gqa"])
-    save_llama(ours, tmp_path, shard_size=60_000)
+    write_sharded_safetensors(ours, tmp_path)
     index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 1
     loaded = load_llama(tmp_path)
