@@ -595,7 +595,7 @@ def generate(model, prompts, pixel_values=None, max_new_tokens=256, temperature=
 # Checkpoint loading
 
 
-def resolve_path(path_or_repo, revision=None, allow_patterns=None):
+def resolve_path(path_or_repo, allow_patterns=None):
     """A local file/folder, or a hub repo id fetched (or found in the local cache) through
     huggingface_hub. Nothing here is needed by the tests or the demo, which use local folders."""
     p = Path(path_or_repo).expanduser()
@@ -605,7 +605,7 @@ def resolve_path(path_or_repo, revision=None, allow_patterns=None):
         raise FileNotFoundError(f"{path_or_repo}: no such file or folder (and not a hub repo id 'org/name')")
     from huggingface_hub import snapshot_download
     try:
-        return Path(snapshot_download(str(path_or_repo), revision=revision, allow_patterns=allow_patterns))
+        return Path(snapshot_download(str(path_or_repo), allow_patterns=allow_patterns))
     except Exception as e:  # offline, unknown repo, gated...: say which and why
         raise FileNotFoundError(f"{path_or_repo}: not a local path, and the hub download failed: {e}") from e
 
@@ -675,10 +675,10 @@ def _cast(sd, dtype, device="cpu"):
     return {k: (v.to(device=device, dtype=dtype) if v.is_floating_point() else v) for k, v in sd.items()}
 
 
-def load_llama(path_or_repo, dtype=torch.float32, device="cpu", revision=None):
+def load_llama(path_or_repo, dtype=torch.float32, device="cpu"):
     """An HF Llama/Vicuna folder or hub id -> Llama. Built on the meta device, then the checkpoint's
     tensors are assigned shard by shard (cast to dtype), so memory peaks at one copy."""
-    folder = resolve_path(path_or_repo, revision, ["*.json", "*.safetensors", "*.bin", "tokenizer*"])
+    folder = resolve_path(path_or_repo, ["*.json", "*.safetensors", "*.bin", "tokenizer*"])
     cfg_path = folder / "config.json"
     if not cfg_path.is_file():
         raise CheckpointError(f"{folder}: config.json not found")
@@ -721,11 +721,11 @@ def _vision_file(path):
                           f"open_clip_model.safetensors, pytorch_model.bin)")
 
 
-def load_vision_tower(path_or_repo, dtype=torch.float32, num_heads=None, revision=None):
+def load_vision_tower(path_or_repo, dtype=torch.float32, num_heads=None):
     """An open_clip checkpoint (BiomedCLIP, or LLaVA-Rad's BiomedCLIP-CXR) -> VisionTransformer.
     Accepts a `state_dict` wrapper and a DDP `module.` prefix; keeps the `visual.trunk.` tensors.
     The head count is the one thing the shapes do not show: width / 64 unless num_heads is given."""
-    f = _vision_file(resolve_path(path_or_repo, revision, ["*.json", "*.bin", "*.safetensors"]))
+    f = _vision_file(resolve_path(path_or_repo, ["*.json", "*.bin", "*.safetensors"]))
     sd = load_tensors(f)
     if "state_dict" in sd and isinstance(sd["state_dict"], dict):
         sd = sd["state_dict"]
