@@ -39,7 +39,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from model import IGNORE_INDEX, IMAGE_TOKEN_INDEX
+from model import IGNORE_INDEX, IMAGE_TOKEN_INDEX, VisionConfig
 
 # ----------------------------------------------------------------------------------------------
 # Demographic attributes: codes, bins and names, declared once
@@ -336,18 +336,15 @@ def ham_csv_to_json(csv_path, out_path):
 # ----------------------------------------------------------------------------------------------
 # Images, prompts + labels, the dataset and the batch
 
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-
-
 @dataclass
 class ImageProcessor:
     """BiomedCLIP/CLIP preprocessing: resize the shortest side to `size` (bicubic), center crop,
     RGB, scale to [0, 1], normalise per channel. Grayscale X-rays become three equal channels;
     16-bit PNGs (PadChest) are scaled by their own maximum first."""
-    size: int = 224
-    mean: tuple = CLIP_MEAN
-    std: tuple = CLIP_STD
+    # defaults: the vision tower's own (VisionConfig); a loaded tower passes its config's values
+    size: int = VisionConfig.image_size
+    mean: tuple = VisionConfig.mean
+    std: tuple = VisionConfig.std
 
     def __call__(self, image):
         if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):

@@ -12,11 +12,11 @@ from PIL import Image
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 import data
-from data import (ATTRIBUTES, CLIP_MEAN, CLIP_STD, SYSTEM_PROMPT, DataError, GroupBalancedSampler, ImageProcessor,
+from data import (ATTRIBUTES, SYSTEM_PROMPT, DataError, GroupBalancedSampler, ImageProcessor,
                   ReportDataset, SyntheticConfig, collate, conversation_prompt, encode_example, extract_findings,
                   group_labels, inverse_frequency_weights, load_tokenizer, make_synthetic, read_llava_json,
                   tokenize_with_image)
-from model import IGNORE_INDEX, IMAGE_TOKEN_INDEX
+from model import IGNORE_INDEX, IMAGE_TOKEN_INDEX, VisionConfig
 
 
 @pytest.fixture(scope="module")
@@ -147,7 +147,7 @@ def test_tokenizer_that_merges_across_the_boundary_is_refused():
 
 
 def test_image_processor_normalises_grayscale_rgb_and_16bit():
-    mean, std = torch.tensor(CLIP_MEAN).view(3, 1, 1), torch.tensor(CLIP_STD).view(3, 1, 1)
+    mean, std = torch.tensor(VisionConfig.mean).view(3, 1, 1), torch.tensor(VisionConfig.std).view(3, 1, 1)
     gray = Image.fromarray(np.full((20, 40), 128, np.uint8))  # non-square grayscale
     x = ImageProcessor(size=16)(gray)
     assert x.shape == (3, 16, 16) and x.dtype == torch.float32
