@@ -22,7 +22,7 @@ generation on CPU in about a second.
 import json
 import math
 import re
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
@@ -774,6 +774,7 @@ def load_llava(llm_path, vision_path, projector_path=None, dtype=torch.float32, 
 
 
 # ----------------------------------------------------------------------------------------------
+# A tiny model for tests and the smoke demo
 
 
 def tiny_llava(seed=0, llm=None, vision=None):
@@ -794,4 +795,4 @@ if __name__ == "__main__":
     for p, o in zip(prompts, out):
         print(f"  prompt {p} -> {o}")
     print(f"done in {time.time() - t0:.2f}s (random weights: the tokens are meaningless; "
-          f"train.py is the real demo once it exists)")
+          f"`python train.py --demo` trains and evaluates a real tiny model)")
