@@ -12,13 +12,14 @@ import pytest
 
 import metrics as M
 
-sacrebleu = pytest.importorskip("sacrebleu")
-from sacrebleu.metrics import BLEU  # noqa: E402
-from sacrebleu.tokenizers.tokenizer_13a import Tokenizer13a  # noqa: E402
+
+def sacre_bleu(**kw):
+    # sacreBLEU is the test-only oracle: without it the parity tests skip, the others still run
+    return pytest.importorskip("sacrebleu.metrics").BLEU(**kw)
 
 
 def sacre_corpus(hyps, refs, n):
-    return BLEU(max_ngram_order=n).corpus_score(hyps, [refs]).score
+    return sacre_bleu(max_ngram_order=n).corpus_score(hyps, [refs]).score
 
 
 def test_docstring_examples():
@@ -110,7 +111,7 @@ def test_corpus_bleu_matches_sacrebleu_random(seed):
 @pytest.mark.parametrize("seed", range(5))
 def test_tokenize_13a_matches_sacrebleu(seed):
     rng = random.Random(1000 + seed)
-    tokenizer = Tokenizer13a()
+    tokenizer = pytest.importorskip("sacrebleu.tokenizers.tokenizer_13a").Tokenizer13a()
     for _ in range(200):
         line = random_text(rng)
         assert M.tokenize_13a(line) == tokenizer(line.rstrip()).split()
@@ -143,8 +144,9 @@ SENTENCES = [(h, r) for hyps, refs in CORPORA.values() for h, r in zip(hyps, ref
 
 @pytest.mark.parametrize("hyp,ref", SENTENCES)
 def test_sentence_bleu_matches_sacrebleu(hyp, ref):
+    sacrebleu = pytest.importorskip("sacrebleu")
     assert M.sentence_bleu(hyp, ref) == pytest.approx(sacrebleu.sentence_bleu(hyp, [ref]).score, abs=1e-6)
-    plain = BLEU(effective_order=False).corpus_score([hyp], [[ref]]).score
+    plain = sacre_bleu(effective_order=False).corpus_score([hyp], [[ref]]).score
     assert M.sentence_bleu(hyp, ref, effective_order=False) == pytest.approx(plain, abs=1e-6)
 
 
