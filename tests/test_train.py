@@ -3,6 +3,7 @@ batch, --resume continues exactly, bad steps and crashes are handled, --dry-run 
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from dataclasses import replace
@@ -47,6 +48,13 @@ def log(out):
     return [json.loads(line) for line in (Path(out) / "log.jsonl").read_text().splitlines()]
 
 
+def free_port():
+    # a port the OS just handed out: a fixed one would collide with another run of the tests
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def assert_same_grads(a, b, tol=1e-6):
     ga, gb = torch.load(a), torch.load(b)
     assert ga.keys() == gb.keys() and len(ga) > 0
@@ -81,8 +89,9 @@ def test_ddp_two_processes_equal_one(env, tmp_path):
         else:
             args += [flag, str(v)]
     env_vars = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
-                        str(ROOT / "train.py"), *args], capture_output=True, text=True, env=env_vars, timeout=240)
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                        f"--master_port={free_port()}", str(ROOT / "train.py"), *args],
+                       capture_output=True, text=True, env=env_vars, timeout=240)
     assert r.returncode == 0, r.stderr[-3000:]
     assert_same_grads(tmp_path / "single.pt", tmp_path / "ddp.pt")
     lines = log(tmp_path / "ddp")
