@@ -529,7 +529,7 @@ def load_checkpoint(path, model, fair, opt, dac_opt, sched):
     st = torch.load(path, map_location="cpu", weights_only=False)
     sd = st["trainable"]
     expected = trainable_state(model, fair)
-    check_state_dict(expected, sd, f"--resume {path} (this run's model/method)")
+    check_state_dict(expected, sd, f"--resume {path}")
     with torch.no_grad():
         for k, v in expected.items():
             v.copy_(sd[k])
