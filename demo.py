@@ -50,10 +50,10 @@ DEMO_TRAIN = dict(stage1=dict(epochs=2, lr=2e-3), stage2=dict(epochs=3, lr=1e-3,
                   grad_checkpointing=False, save_every=10 ** 9, log_every=10)
 
 
-def pretrain_llm(data_dir, out_dir, steps=300, batch=32, seed=1234):
+def pretrain_llm(data_dir, out_dir, steps=300, batch=32, seed=1234, split="train"):
     """Next-token pre-training of the tiny Llama on the training conversations, without images."""
     tok = load_tokenizer(data_dir / "tokenizer.json")
-    recs = data.read_llava_json(data_dir / "train.json", check_images=False)
+    recs = data.read_llava_json(data_dir / f"{split}.json", check_images=False)
     texts = [conversation_prompt(r["question"].replace("<image>\n", ""), r["answer"]) for r in recs]
     seqs = [tok.encode(t).ids for t in texts]
     torch.manual_seed(seed)
@@ -81,22 +81,30 @@ def pretrain_llm(data_dir, out_dir, steps=300, batch=32, seed=1234):
     return loss.item()
 
 
-def pretrain_vit(data_dir, out_dir, steps=400, batch=64, seed=1234):
-    """Multi-label finding recognition: the tiny ViT learns to see what the reports talk about."""
-    items = json.loads((data_dir / "train.json").read_text())
+def pretrain_vit(data_dir, out_dir, steps=400, batch=64, seed=1234, split="train", demographics=True):
+    """Multi-label finding recognition: the tiny ViT learns to see what the reports talk about.
+    With `demographics`, it also learns to tell race, age group and sex, as real towers do without
+    being asked (Gichoya et al.); the split is decorrelated, so no finding-race link is learnt."""
+    items = json.loads((data_dir / f"{split}.json").read_text())
     names = sorted(items[0]["findings_labels"])
     proc = data.ImageProcessor(VIT.image_size, VIT.mean, VIT.std)
     x = torch.stack([proc(data.load_image(data_dir / it["image"], it["id"])) for it in items])
     y = torch.tensor([[float(it["findings_labels"][k]) for k in names] for it in items])
+    recs = data.read_llava_json(data_dir / f"{split}.json", check_images=False)
+    demo_y = {a: torch.tensor([r["attrs"][a] for r in recs]) for a in ("race", "age", "gender")}
     torch.manual_seed(seed)
     vit = VisionTransformer(VIT)
     head = torch.nn.Linear(VIT.width, len(names))
-    opt = torch.optim.AdamW(list(vit.parameters()) + list(head.parameters()), lr=2e-3, weight_decay=0.01)
+    dheads = torch.nn.ModuleDict({a: torch.nn.Linear(VIT.width, data.ATTRIBUTES[a].num_classes) for a in demo_y})
+    opt = torch.optim.AdamW(list(vit.parameters()) + list(head.parameters()) + list(dheads.parameters()),
+                            lr=2e-3, weight_decay=0.01)
     g = torch.Generator().manual_seed(seed)
     for step in range(steps):
         idx = torch.randint(len(x), (batch,), generator=g)
-        feats = vit(x[idx], select_layer=-1).mean(1)  # (B, width)
-        loss = F.binary_cross_entropy_with_logits(head(vit.norm(feats)), y[idx])
+        feats = vit.norm(vit(x[idx], select_layer=-1).mean(1))  # (B, width)
+        loss = F.binary_cross_entropy_with_logits(head(feats), y[idx])
+        if demographics:
+            loss = loss + sum(F.cross_entropy(dheads[a](feats), demo_y[a][idx]) for a in demo_y) / 3
         for grp in opt.param_groups:
             grp["lr"] = 2e-3 * cosine_lr(step, steps, 0)
         opt.zero_grad()

@@ -44,13 +44,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 import metrics
 from data import (ATTRIBUTES, DATASETS, UNKNOWN, ImageProcessor, ReportDataset, collate, conversation_prompt, load_image,
                   load_tokenizer, read_llava_json, tokenize_with_image)
-from fairness import pool_hidden, token_mask
+from fairness import fit_linear_probe, pool_hidden, token_mask
 from lora import load_peft_adapter, merge_lora
 from model import generate, load_llava
 
@@ -266,8 +265,9 @@ def pooled_features(model, tokenizer, image_processor, records, layer="mid", tok
     model.eval()
     device = next(model.parameters()).device
     pixel_dtype = next(model.vision_tower.parameters()).dtype
+    # its own generator: an iterator draws a seed, and the global stream is training's dropout
     loader = torch.utils.data.DataLoader(ReportDataset(records, tokenizer, image_processor),
-                                         batch_size=batch_size, collate_fn=collate)
+                                         batch_size=batch_size, collate_fn=collate, generator=torch.Generator())
     feats = []
     for b in loader:
         out = model(b["input_ids"].to(device), b["pixel_values"].to(device, pixel_dtype),
@@ -276,28 +276,6 @@ def pooled_features(model, tokenizer, image_processor, records, layer="mid", tok
         h, _ = pool_hidden(out.hidden, mask, layer=layer)  # (B, H)
         feats.append(h.cpu())
     return torch.cat(feats)
-
-
-def fit_linear_probe(x, y, num_classes, l2=1e-3, steps=300):
-    """Multinomial logistic regression, full-batch L-BFGS on standardised features with a small L2
-    penalty. The problem is convex and starts from zero, so the result is deterministic.
-    Returns predict(x) -> class index."""
-    mean, std = x.mean(0), x.std(0).clamp_min(1e-6)  # a probe should not depend on feature scale
-    z = (x - mean) / std
-    W = torch.zeros(x.shape[1], num_classes, requires_grad=True)
-    b = torch.zeros(num_classes, requires_grad=True)
-    opt = torch.optim.LBFGS([W, b], lr=1.0, max_iter=steps, history_size=20, line_search_fn="strong_wolfe",
-                            tolerance_grad=1e-9, tolerance_change=1e-12)
-
-    def closure():
-        opt.zero_grad()
-        loss = F.cross_entropy(z @ W + b, y) + l2 * (W ** 2).sum()
-        loss.backward()
-        return loss
-
-    with torch.enable_grad():
-        opt.step(closure)
-    return lambda x_new: (((x_new - mean) / std) @ W + b).argmax(-1)
 
 
 def attribute_probe(model, tokenizer, image_processor, train_records, test_records, layer="mid", tokens="image",

@@ -50,45 +50,54 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call
 
-IGNORE_INDEX = -100  # label of non-answer tokens (same value as model.IGNORE_INDEX)
-UNKNOWN = -1  # attribute label of a sample whose demographic is not known
+from data import ATTRIBUTES, UNKNOWN
+from model import IGNORE_INDEX
+
 
 LAYER_NAMES = ("first", "mid", "last", "mean")
 TOKEN_CHOICES = ("image", "answer", "all")
 POOL_CHOICES = ("mean", "random_token")
 NEGATIVE_CHOICES = ("off_diagonal", "all")
 PROTOCOLS = ("alternating", "single_step")
+H_NORMS = ("none", "l2", "batch")
+
+
+def _official_head_sizes():
+    return {a: spec.num_classes for a, spec in ATTRIBUTES.items()}
 
 
 @dataclass
 class FairnessConfig:
-    # official MIMIC-CXR setting: three attributes debiased jointly
-    attributes: tuple[str, ...] = ("race", "age", "gender")
-    # official head sizes: 9 + 3 + 2 = 14 classes -> 14 * 4096 + 14 = 57,358 DAC parameters ("~57K")
-    num_classes: dict[str, int] = field(default_factory=lambda: {"race": 9, "age": 3, "gender": 2})
-    # per-attribute DIM weights lambda_a (official MIMIC values); they play the role of lambda2
-    lambdas: dict[str, float] = field(default_factory=lambda: {"race": 0.2, "age": 0.6, "gender": 0.1})
-    dac_weight: float = 1.0  # lambda1
-    layer: str | int = "mid"  # "first" | "mid" | "last" | "mean" | int index into the hidden list
-    tokens: str = "image"  # "image" | "answer" | "all" (every non-pad token)
-    pool: str = "mean"  # "mean" (masked mean) | "random_token" (official: one token, L2-normalised)
-    negatives: str = "off_diagonal"  # "off_diagonal" (official) | "all" (original CLUB)
-    smooth_abs: bool = True  # penalty sqrt(CLUB^2 + eps) (official) instead of CLUB
-    smooth_eps: float = 1e-6
-    protocol: str = "alternating"  # "alternating" (paper) | "single_step" (official code)
-    dac_hidden: int = 0  # 0: Linear(hidden, K_a); > 0: Linear -> GELU -> Linear with this width
-    dac_steps: int = 1  # phi updates per alternating step on the same sg(h) (1 = Algorithm 1)
-    # Not in the paper: standardise each feature of h (running mean/variance of sg(h), updated on
-    # the L_DAC path only) before phi. In a raw residual stream a few dimensions dwarf the rest, and
-    # an attribute carried by small ones is out of reach of a phi that takes one step per batch:
-    # phi stays at chance, CLUB ~ 0 and DIM does nothing. Standardising gives phi a chance.
-    dac_normalize: bool = False
-    unknown_as_class: bool = False  # True: label -1 becomes an extra class K_a instead of masked out
+    """The regulariser's settings, official MIMIC-CXR values as defaults. `help` is what train.py's
+    flag of the same name prints."""
+    attributes: tuple = field(default=("race", "age", "gender"), metadata=dict(
+        help="attributes debiased jointly (one name: the single-attribute ablation)"))
+    # head sizes: data.ATTRIBUTES, 9 + 3 + 2 = 14 classes -> 14 * 4096 + 14 = 57,358 parameters ("~57K")
+    num_classes: dict = field(default_factory=_official_head_sizes, metadata=dict(help=None))
+    lambdas: dict = field(default_factory=lambda: {"race": 0.2, "age": 0.6, "gender": 0.1}, metadata=dict(
+        help="per-attribute DIM weights lambda_a (lambda2), e.g. race=0.2 age=0.6 gender=0.1"))
+    dac_weight: float = field(default=1.0, metadata=dict(help="lambda1, the weight of L_DAC"))
+    layer: str = field(default="mid", metadata=dict(help="hidden layer h is read from: first | mid | last | mean | an index"))
+    tokens: str = field(default="image", metadata=dict(help="positions pooled into h: image | answer | all"))
+    pool: str = field(default="mean", metadata=dict(
+        help="mean (masked mean) | random_token (official: one random token, L2-normalised)"))
+    h_norm: str = field(default="none", metadata=dict(
+        help="how phi and DIM see h: none (paper) | l2 (per sample, as the official code) | batch "
+             "(each feature standardised over the batch); l2 and batch are blind to the scale of h"))
+    protocol: str = field(default="alternating", metadata=dict(
+        help="alternating (paper, Algorithm 1) | single_step (official code: one optimizer step)"))
+    dac_steps: int = field(default=1, metadata=dict(help="phi updates per batch in the alternating protocol (paper: 1)"))
+    negatives: str = field(default="off_diagonal", metadata=dict(
+        help="CLUB's negative pairs: off_diagonal (official) | all (original CLUB)"))
+    smooth_abs: bool = field(default=True, metadata=dict(help="penalty sqrt(CLUB^2 + eps) (official) instead of CLUB"))
+    smooth_eps: float = field(default=1e-6, metadata=dict(help=None))
 
     def __post_init__(self):
         self.attributes = tuple(self.attributes)
         if not self.attributes:
             raise ValueError("FairnessConfig.attributes is empty")
+        if isinstance(self.layer, str) and self.layer.lstrip("-").isdigit():
+            self.layer = int(self.layer)  # "16" from the command line is a layer index
         if self.dac_steps < 1:
             raise ValueError(f"FairnessConfig.dac_steps must be >= 1, got {self.dac_steps}")
         for a in self.attributes:
@@ -98,11 +107,17 @@ class FairnessConfig:
                 raise ValueError(f"FairnessConfig.lambdas has no entry for attribute {a!r}")
             if self.num_classes[a] < 1:
                 raise ValueError(f"FairnessConfig.num_classes[{a!r}] must be >= 1, got {self.num_classes[a]}")
+            if not self.lambdas[a] >= 0:
+                raise ValueError(f"FairnessConfig.lambdas[{a!r}] must be >= 0, got {self.lambdas[a]}")
+        unknown = set(self.lambdas) - set(self.num_classes)
+        if unknown:
+            raise ValueError(f"FairnessConfig.lambdas names unknown attributes {sorted(unknown)}; "
+                             f"known: {sorted(self.num_classes)}")
         if not (isinstance(self.layer, int) or self.layer in LAYER_NAMES):
             raise ValueError(f"FairnessConfig.layer must be one of {LAYER_NAMES} or an int, got {self.layer!r}")
         for name, value, choices in [("tokens", self.tokens, TOKEN_CHOICES), ("pool", self.pool, POOL_CHOICES),
                                      ("negatives", self.negatives, NEGATIVE_CHOICES),
-                                     ("protocol", self.protocol, PROTOCOLS)]:
+                                     ("protocol", self.protocol, PROTOCOLS), ("h_norm", self.h_norm, H_NORMS)]:
             if value not in choices:
                 raise ValueError(f"FairnessConfig.{name} must be one of {choices}, got {value!r}")
 
@@ -110,10 +125,6 @@ class FairnessConfig:
     def single(cls, attribute, **overrides):
         """Single-attribute debiasing (the paper's "seesaw" ablation): only `attribute` is regularised."""
         return cls(attributes=(attribute,), **overrides)
-
-    def head_classes(self, attribute):
-        # the unknown label needs one more output when it is kept as its own class
-        return self.num_classes[attribute] + int(self.unknown_as_class)
 
 
 # -----------------------------------------------------------------------------
@@ -206,30 +217,40 @@ def pool_hidden(hidden, mask, layer="mid", pool="mean", generator=None):
 # phi: the Demographic Attribute Classifier
 
 class DAC(nn.Module):
-    """phi: one head per attribute mapping h to class logits, q(a | h) = softmax(phi_a(h))."""
+    """phi: one linear head per attribute mapping h to class logits, q(a | h) = softmax(phi_a(h))."""
 
-    def __init__(self, hidden_size, num_classes, dac_hidden=0, normalize=False, momentum=0.1):
+    def __init__(self, hidden_size, num_classes):
         super().__init__()
-        self.normalize, self.momentum = normalize, momentum
-        if normalize:  # running per-feature statistics of sg(h); buffers, never trained
-            self.register_buffer("h_mean", torch.zeros(hidden_size))
-            self.register_buffer("h_var", torch.ones(hidden_size))
-        heads = {}
-        for a, k in num_classes.items():
-            if dac_hidden > 0:
-                heads[a] = nn.Sequential(nn.Linear(hidden_size, dac_hidden), nn.GELU(), nn.Linear(dac_hidden, k))
-            else:
-                heads[a] = nn.Linear(hidden_size, k)
-        self.heads = nn.ModuleDict(heads)
+        self.heads = nn.ModuleDict({a: nn.Linear(hidden_size, k) for a, k in num_classes.items()})
 
-    def forward(self, h, update_stats=False):
-        if self.normalize:  # per-feature standardisation (an option, not in the paper)
-            if update_stats and h.shape[0] > 1:  # only on the L_DAC path, where h is detached
-                with torch.no_grad():
-                    self.h_mean.lerp_(h.mean(0), self.momentum)
-                    self.h_var.lerp_(h.var(0), self.momentum)
-            h = (h - self.h_mean) * torch.rsqrt(self.h_var + 1e-5)
+    def forward(self, h):
         return {a: head(h) for a, head in self.heads.items()}  # each (B, K_a)
+
+
+def normalize_h(h, mode, valid=None, eps=1e-5):
+    """
+    The view of h that phi and DIM share (FairnessConfig.h_norm):
+      none   h                                         the paper
+      l2     h_i / ||h_i||_2                           per sample, as the official code
+      batch  (h - mu) / sqrt(var + eps * mean(var))    each feature over the batch's valid rows
+    With "none", the backbone can lower L_DIM by shrinking or turning h against the current phi
+    instead of removing the attribute; l2 and batch give it nothing to gain that way: for any
+    c > 0, normalize_h(c h) = normalize_h(h) (batch: exactly, eps being relative). "batch" also
+    puts every feature on one scale, so a phi taking one step per batch can read an attribute that
+    lives in small directions of a residual stream dominated by a few large ones. Its gradient
+    flows through mu and var, as in batch normalisation.
+    """
+    if mode == "none":
+        return h
+    if mode == "l2":
+        return F.normalize(h, dim=-1)
+    if mode != "batch":
+        raise ValueError(f"h_norm must be one of {H_NORMS}, got {mode!r}")
+    rows = h if valid is None else h[valid]
+    if rows.shape[0] < 2:  # no statistics: nothing to contrast either, so CLUB is 0 anyway
+        return h - h.detach()
+    mu, var = rows.mean(0), rows.var(0, unbiased=False)  # (H,) each
+    return (h - mu) * torch.rsqrt(var + eps * var.mean().clamp_min(1e-30))
 
 
 # -----------------------------------------------------------------------------
@@ -308,8 +329,7 @@ class FairnessRegularizer(nn.Module):
     def __init__(self, cfg, hidden_size):
         super().__init__()
         self.cfg = cfg
-        self.dac = DAC(hidden_size, {a: cfg.head_classes(a) for a in cfg.attributes}, cfg.dac_hidden,
-                       cfg.dac_normalize)
+        self.dac = DAC(hidden_size, {a: cfg.num_classes[a] for a in cfg.attributes})
 
     def pool(self, hidden, image_mask=None, attention_mask=None, labels=None, generator=None):
         """h(x) as configured: returns (h (B, H) float32, nonempty (B,) bool)."""
@@ -328,8 +348,6 @@ class FairnessRegularizer(nn.Module):
             k = self.cfg.num_classes[a]
             if (y >= k).any() or (y < UNKNOWN).any():
                 raise ValueError(f"attrs[{a!r}] has labels outside [-1, {k - 1}]: {y.tolist()}")
-            if self.cfg.unknown_as_class:
-                y = torch.where(y == UNKNOWN, torch.full_like(y, k), y)
             if valid is not None:
                 y = torch.where(valid.to(device), y, torch.full_like(y, UNKNOWN))
             out[a] = y
@@ -338,7 +356,7 @@ class FairnessRegularizer(nn.Module):
     def dac_loss(self, h, attrs, valid=None):
         """L_DAC = sum_a L_DAC^a on sg(h): gradients reach phi only."""
         ys = self.labels(attrs, h.shape[0], h.device, valid)
-        logits = self.dac(h.detach(), update_stats=True)
+        logits = self.dac(normalize_h(h.detach(), self.cfg.h_norm, valid))
         total, stats = 0.0, {}
         for a in self.cfg.attributes:
             la = dac_loss(logits[a], ys[a])
@@ -360,7 +378,7 @@ class FairnessRegularizer(nn.Module):
     def dim_loss(self, h, attrs, valid=None):
         """L_DIM = sum_a lambda_a * penalty(CLUB_a(h)) with phi frozen: gradients reach h only."""
         ys = self.labels(attrs, h.shape[0], h.device, valid)
-        logits = self.frozen_logits(h)
+        logits = self.frozen_logits(normalize_h(h, self.cfg.h_norm, valid))
         total, stats = 0.0, {}
         for a in self.cfg.attributes:
             c = club(logits[a], ys[a], self.cfg.negatives)
@@ -412,3 +430,58 @@ class FairnessRegularizer(nn.Module):
                 raise ValueError("protocol='alternating' needs a dac_optimizer over FairnessRegularizer.parameters()")
             return self.alternating_step(h, attrs, dac_optimizer, valid)
         return self.single_step_loss(h, attrs, valid)
+
+
+# -----------------------------------------------------------------------------
+# measuring the leak: what the mechanism does, on held-out data
+
+def fit_linear_probe(x, y, num_classes, l2=1e-3, steps=300):
+    """Multinomial logistic regression, full-batch L-BFGS on standardised features with a small L2
+    penalty. The problem is convex and starts from zero, so the result is deterministic.
+    Returns predict(x) -> class index."""
+    mean, std = x.mean(0), x.std(0).clamp_min(1e-6)  # a probe should not depend on feature scale
+    z = (x - mean) / std
+    W = torch.zeros(x.shape[1], num_classes, requires_grad=True)
+    b = torch.zeros(num_classes, requires_grad=True)
+    opt = torch.optim.LBFGS([W, b], lr=1.0, max_iter=steps, history_size=20, line_search_fn="strong_wolfe",
+                            tolerance_grad=1e-9, tolerance_change=1e-12)
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(z @ W + b, y) + l2 * (W ** 2).sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        opt.step(closure)
+    return lambda x_new: (((x_new - mean) / std) @ W + b).argmax(-1)
+
+
+@torch.no_grad()
+def leak_report(h, attrs, fair=None):
+    """
+    How much of each attribute held-out h (N, H) gives away, and what the regulariser sees of it:
+      probe/<a>    accuracy of a fresh linear probe fitted on the even rows, tested on the odd ones
+      dac_acc/<a>  accuracy of the current phi (through the configured h_norm, statistics of the set)
+      club/<a>     CLUB with the current phi on the whole set
+      h_rms        the spread of h: sqrt(mean over features of their variance)
+    attrs {name: (N,) long, -1 unknown}; phi's entries only for the attributes `fair` debiases.
+    A probe well above chance while phi sits at chance means the backbone is fooling phi.
+    """
+    h = h.float()
+    out = {"h_rms": float(h.var(0, unbiased=False).mean().sqrt())}
+    even, odd = torch.arange(0, len(h), 2), torch.arange(1, len(h), 2)
+    for a, y in attrs.items():
+        known_tr, known_te = y[even] != UNKNOWN, y[odd] != UNKNOWN
+        if known_tr.sum() < 2 or not known_te.any():
+            continue
+        predict = fit_linear_probe(h[even][known_tr], y[even][known_tr], int(y.max()) + 1)
+        out[f"probe/{a}"] = float((predict(h[odd][known_te]) == y[odd][known_te]).float().mean())
+    if fair is not None:
+        logits = fair.dac(normalize_h(h, fair.cfg.h_norm))
+        for a in fair.cfg.attributes:
+            y = attrs[a]
+            known = y != UNKNOWN
+            out[f"dac_acc/{a}"] = float((logits[a].argmax(-1)[known] == y[known]).float().mean())
+            out[f"club/{a}"] = float(club(logits[a], y, fair.cfg.negatives))
+    return out

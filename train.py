@@ -39,7 +39,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import data
-from fairness import FairnessConfig, FairnessRegularizer
+import evaluate
+from fairness import FairnessConfig, FairnessRegularizer, leak_report
 from lora import LoRAConfig, apply_lora, count_parameters, lora_state_dict, load_peft_adapter, \
     mark_only_lora_as_trainable, save_peft_adapter
 from data import load_tokenizer
@@ -74,9 +75,8 @@ class TrainConfig:
     tokens: str = "image"
     pool: str = "mean"
     protocol: str = "alternating"
-    dac_optimizer: str = "adamw"  # adamw: one step per batch (Algorithm 1) | lbfgs: refit phi on each batch
     dac_steps: int = 1  # phi updates per batch in the alternating protocol
-    dac_normalize: bool = False  # not in the paper: standardise h before phi (see fairness.py)
+    h_norm: str = "none"  # how phi and DIM see h: none (paper) | l2 (official) | batch (fairness.normalize_h)
     balance_on: tuple = ("race",)  # attributes whose joint groups resample/reweight balance
     lora_r: int = 64
     lora_alpha: float = 128.0
@@ -104,6 +104,9 @@ class TrainConfig:
     overfit_one_batch: bool = False
     stop_after: int = 0  # debug: stop after this many steps, as if killed (tests --resume)
     dump_grads: str = ""  # debug: save the first step's gradients to this file (tests DDP equivalence)
+    monitor_json: str = ""  # held-out LLaVA JSON on which the leak is measured during training
+    monitor_every: int = 25
+    monitor_n: int = 400
 
 
 def parse_args(argv=None):
@@ -126,9 +129,12 @@ def parse_args(argv=None):
         "dac_weight": "lambda1, weight of L_DAC", "lm_weight": "lambda3, weight of L_LM",
         "layer": "hidden layer for h: first | mid | last | mean | an index", "tokens": "image | answer | all",
         "pool": "mean | random_token (official variant)", "protocol": "alternating (paper) | single_step (official)",
-        "dac_optimizer": "adamw (one step per batch, Algorithm 1) | lbfgs (refit phi to each batch; one process only)",
         "dac_steps": "phi updates per batch (alternating protocol)",
-        "dac_normalize": "standardise each feature of h (running statistics) before phi; not in the paper",
+        "h_norm": "how phi and DIM see h: none (paper) | l2 (per sample, official code) | batch (standardised "
+                  "over the batch); l2 and batch are blind to the scale of h",
+        "monitor_json": "held-out JSON: every --monitor-every steps log phi's accuracy, CLUB, a fresh probe "
+                        "and the spread of h on it (monitor.jsonl)",
+        "monitor_every": "steps between two monitor points", "monitor_n": "held-out records the monitor uses",
         "balance_on": "attributes whose joint groups resample/reweight balance", "lora_r": "LoRA rank",
         "lora_alpha": "LoRA alpha (scale alpha/r)", "lora_dropout": "dropout on the LoRA path", "lr": "learning rate",
         "dac_lr": "learning rate of phi", "weight_decay": "AdamW weight decay", "warmup_ratio": "linear warmup share",
@@ -255,6 +261,53 @@ def build_model(cfg, d):
     return model
 
 
+def fairness_config(cfg):
+    """The FairnessConfig this run's flags describe (also used to pool h when nothing is debiased)."""
+    return FairnessConfig(attributes=cfg.attributes, lambdas={**FairnessConfig().lambdas, **cfg.lambdas},
+                          dac_weight=cfg.dac_weight, layer=cfg.layer, tokens=cfg.tokens, pool=cfg.pool,
+                          protocol=cfg.protocol, dac_steps=cfg.dac_steps, h_norm=cfg.h_norm)
+
+
+def build_regularizer(cfg, model, opt, d):
+    """phi and its optimizer for FairLLaVA's stage 2, else (None, None). Alternating protocol: phi
+    has its own AdamW, stepped inside the regulariser; single step: phi joins the main optimizer."""
+    if cfg.method != "fairllava" or cfg.stage != 2:
+        return None, None
+    fcfg = fairness_config(cfg)
+    fair = FairnessRegularizer(fcfg, model.llm.config.hidden_size).to(d.device)
+    if d.world > 1:  # every rank starts from the same phi
+        for p in fair.parameters():
+            dist.broadcast(p.data, 0)
+    if fcfg.protocol == "alternating":
+        return fair, SyncedOptimizer(torch.optim.AdamW(fair.parameters(), lr=cfg.dac_lr, weight_decay=0.0),
+                                     fair.parameters(), d)
+    opt.add_param_group({"params": list(fair.parameters()), "lr": cfg.dac_lr})  # DDP does not see phi: synced by hand
+    return fair, None
+
+
+class Monitor:
+    """The mechanism on held-out data: every --monitor-every steps, h of the first --monitor-n
+    records of --monitor-json (teacher-forced, eval mode, masked mean as configured), then
+    fairness.leak_report: a fresh probe's accuracy, phi's accuracy and CLUB, the spread of h.
+    One JSON line per point in monitor.jsonl. It draws nothing from the random streams, so a
+    monitored run trains exactly as an unmonitored one."""
+
+    def __init__(self, cfg, fcfg, tokenizer, processor, resume):
+        self.records = data.read_llava_json(cfg.monitor_json, cfg.dataset, image_root=cfg.image_root or None)
+        self.records = self.records[:cfg.monitor_n]
+        self.attrs = {a: torch.tensor([r["attrs"][a] for r in self.records]) for a in data.ATTRIBUTES}
+        self.fcfg, self.tokenizer, self.processor = fcfg, tokenizer, processor
+        self.file = open(Path(cfg.out) / "monitor.jsonl", "a" if resume else "w")
+
+    def log(self, step, model, fair):
+        was_training = model.training
+        h = evaluate.pooled_features(model, self.tokenizer, self.processor, self.records, self.fcfg.layer,
+                                     self.fcfg.tokens, batch_size=32)
+        model.train(was_training)
+        self.file.write(json.dumps({"step": step, **leak_report(h, self.attrs, fair)}) + "\n")
+        self.file.flush()
+
+
 def cosine_lr(step, total, warmup):
     """Linear warmup then cosine decay to 0 (HF's cosine schedule, as the official run uses)."""
     if step < warmup:
@@ -269,15 +322,23 @@ def seed_everything(seed):
 
 
 def rng_state():
-    s = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every random stream, as tensors and numbers only, so a checkpoint loads with
+    torch.load(weights_only=True): nothing in it can run code."""
+    version, mt, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    s = {"python": (version, torch.tensor(mt, dtype=torch.int64), gauss),
+         "numpy": (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached),
+         "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         s["cuda"] = torch.cuda.get_rng_state_all()
     return s
 
 
 def set_rng_state(s):
-    random.setstate(s["python"])
-    np.random.set_state(s["numpy"])
+    version, mt, gauss = s["python"]
+    random.setstate((version, tuple(mt.tolist()), gauss))
+    name, keys, pos, has_gauss, cached = s["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(s["torch"])
     if "cuda" in s and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(s["cuda"])
@@ -334,31 +395,12 @@ def train(cfg, d=None, quiet=False):
     dataset = data.ReportDataset(records, tokenizer, data.ImageProcessor(vit.image_size, vit.mean, vit.std),
                                  cfg.max_length, sample_weights=weights)
 
-    fair = None
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    dac_opt = None
-    if cfg.method == "fairllava" and cfg.stage == 2:
-        fcfg = FairnessConfig(attributes=cfg.attributes, lambdas={**FairnessConfig().lambdas, **cfg.lambdas},
-                              dac_weight=cfg.dac_weight, layer=int(cfg.layer) if cfg.layer.lstrip("-").isdigit() else cfg.layer,
-                              tokens=cfg.tokens, pool=cfg.pool, protocol=cfg.protocol, dac_steps=cfg.dac_steps,
-                              dac_normalize=cfg.dac_normalize)
-        fair = FairnessRegularizer(fcfg, model.llm.config.hidden_size).to(d.device)
-        if d.world > 1:  # every rank starts from the same phi
-            for p in fair.parameters():
-                dist.broadcast(p.data, 0)
-        if fcfg.protocol == "alternating" and cfg.dac_optimizer == "lbfgs":
-            # phi kept at its best response on each batch, as the CLUB bound assumes q ~ p(a | h).
-            # Each rank's line search would see its own loss, so this is single-process only.
-            if d.world > 1:
-                raise ValueError("--dac-optimizer lbfgs runs in one process only; use adamw with torchrun")
-            dac_opt = torch.optim.LBFGS(fair.parameters(), max_iter=10, line_search_fn="strong_wolfe")
-        elif fcfg.protocol == "alternating":
-            dac_opt = SyncedOptimizer(torch.optim.AdamW(fair.parameters(), lr=cfg.dac_lr, weight_decay=0.0),
-                                      fair.parameters(), d)
-        else:  # single step: phi joins the main optimizer; DDP does not see it, so sync by hand
-            opt.add_param_group({"params": list(fair.parameters()), "lr": cfg.dac_lr})
+    fair, dac_opt = build_regularizer(cfg, model, opt, d)
     ddp = DDP(model, device_ids=[d.local_rank] if d.device.startswith("cuda") else None) if d.world > 1 else model
+    monitor = Monitor(cfg, fairness_config(cfg), tokenizer, dataset.image_processor, cfg.resume) \
+        if cfg.monitor_json and d.master else None
 
     batches0 = make_loader_state(cfg, dataset, d, 0)
     if not batches0:
@@ -367,16 +409,25 @@ def train(cfg, d=None, quiet=False):
     steps_per_epoch = max(1, len(batches0) // cfg.grad_accum)
     total = cfg.max_steps or max(1, int(cfg.epochs * steps_per_epoch))
     warmup = int(cfg.warmup_ratio * total)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_lr(s, total, warmup))
+    # one schedule for every learning rate, phi's included (as in the official run, where phi sits
+    # in the main optimizer); a function of the step alone, so a resumed run needs no state for it
+    optimizers = [opt] + ([dac_opt.opt] if dac_opt is not None else [])
+    for o in optimizers:
+        for g in o.param_groups:
+            g.setdefault("base_lr", g["lr"])
+    set_lr = lambda s: [g.__setitem__("lr", g["base_lr"] * cosine_lr(s, total, warmup))
+                        for o in optimizers for g in o.param_groups]
 
     step, bad_steps = 0, 0
     ckpt_path = out / "checkpoint.pt"
     if cfg.resume:
-        step = load_checkpoint(ckpt_path, model, fair, opt, dac_opt, sched)
+        step = load_checkpoint(ckpt_path, model, fair, opt, dac_opt)
     log = open(out / "log.jsonl", "a") if d.master else None
     use_autocast = d.device.startswith("cuda") and cfg.dtype == "bf16"
     bar = tqdm(total=total, initial=step, disable=not d.master or quiet, desc=f"stage {cfg.stage} {cfg.method}")
     t0, tokens_seen = time.time(), 0
+    if monitor is not None and step == 0:
+        monitor.log(0, model, fair)
     model.train()
     fixed = None
     while step < total:
@@ -400,6 +451,7 @@ def train(cfg, d=None, quiet=False):
                     fixed = fixed or b
                     b = fixed
                 micro.append(b)
+            set_lr(step)
             lr_now = opt.param_groups[0]["lr"]
             # The LM loss of the step is (sum of token losses) / (supervised tokens of the whole
             # step, all ranks): per micro-batch, its share of that sum. DDP averages gradients over
@@ -442,7 +494,6 @@ def train(cfg, d=None, quiet=False):
                     stats["grad_norm"] = float(gn)
                 opt.step()
                 opt.zero_grad(set_to_none=True)
-            sched.step()
             step += 1
             all_reduce_mean_([loss_sum], d)
             if d.master:
@@ -453,8 +504,10 @@ def train(cfg, d=None, quiet=False):
                 if step % cfg.log_every == 0 or step == total:
                     bar.set_postfix(loss=f"{rec['loss']:.3f}", lr=f"{lr_now:.2e}",
                                     tok_s=f"{tokens_seen * d.world / (time.time() - t0):.0f}")
+            if monitor is not None and (step % cfg.monitor_every == 0 or step == total):
+                monitor.log(step, model, fair)
             if step % cfg.save_every == 0 or step == total:
-                save_checkpoint(ckpt_path, cfg, model, fair, opt, dac_opt, sched, step, d)
+                save_checkpoint(ckpt_path, cfg, model, fair, opt, dac_opt, step, d)
             if cfg.stop_after and step >= cfg.stop_after:
                 break
         if cfg.stop_after and step >= cfg.stop_after:
@@ -465,7 +518,7 @@ def train(cfg, d=None, quiet=False):
     bar.close()
     if d.master:
         log.close()
-        export(out, cfg, model, fair)
+        export(out, cfg, model)
     if d.world > 1:
         dist.barrier()
     return model, fair
@@ -507,7 +560,7 @@ def trainable_state(model, fair):
     return sd
 
 
-def save_checkpoint(path, cfg, model, fair, opt, dac_opt, sched, step, d):
+def save_checkpoint(path, cfg, model, fair, opt, dac_opt, step, d):
     # Each rank's RNG differs (dropout), so gather them all; rank 0 writes the one file.
     rngs = [None] * d.world
     if d.world > 1:
@@ -515,18 +568,23 @@ def save_checkpoint(path, cfg, model, fair, opt, dac_opt, sched, step, d):
     else:
         rngs[0] = rng_state()
     if d.master:
-        state = {"step": step, "config": asdict(cfg), "trainable": {k: v.detach().cpu() for k, v in trainable_state(model, fair).items()},
+        state = {"step": step, "config": json.dumps(asdict(cfg)),
+                 "trainable": {k: v.detach().cpu() for k, v in trainable_state(model, fair).items()},
                  "optimizer": opt.state_dict(), "dac_optimizer": dac_opt.state_dict() if dac_opt else None,
-                 "scheduler": sched.state_dict(), "rng": rngs}
+                 "rng": rngs}
         atomic_save(state, path)
     if d.world > 1:
         dist.barrier()
 
 
-def load_checkpoint(path, model, fair, opt, dac_opt, sched):
+def load_checkpoint(path, model, fair, opt, dac_opt):
     if not Path(path).is_file():
         raise FileNotFoundError(f"--resume: {path} not found")
-    st = torch.load(path, map_location="cpu", weights_only=False)
+    try:  # tensors, numbers and strings only: a checkpoint from elsewhere cannot run code
+        st = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"--resume {path}: not a checkpoint written by train.py ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0][:200]})") from None
     sd = st["trainable"]
     expected = trainable_state(model, fair)
     check_state_dict(expected, sd, f"--resume {path}")
@@ -536,22 +594,17 @@ def load_checkpoint(path, model, fair, opt, dac_opt, sched):
     opt.load_state_dict(st["optimizer"])
     if dac_opt is not None:
         dac_opt.load_state_dict(st["dac_optimizer"])
-    sched.load_state_dict(st["scheduler"])
     rank = dist.get_rank() if dist.is_initialized() else 0
     set_rng_state(st["rng"][rank])
     return st["step"]
 
 
-def export(out, cfg, model, fair):
-    """The files evaluate.py and LLaVA-style tools read: projector, PEFT adapter, phi."""
-    from safetensors.torch import save_file
+def export(out, cfg, model):
+    """The files evaluate.py and LLaVA-style tools read: the projector and the PEFT adapter."""
     proj = {f"model.mm_projector.{k}": v.detach().cpu().contiguous() for k, v in model.mm_projector.state_dict().items()}
     atomic_save(proj, out / "mm_projector.bin")
     if cfg.stage == 2:
         save_peft_adapter(model.llm, out / "adapter", LoRAConfig(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout))
-    if fair is not None:
-        atomic_save({k: v.detach().cpu().contiguous() for k, v in fair.state_dict().items()},
-                    out / "dac.safetensors", lambda o, p: save_file(o, str(p)))
 
 
 # ----------------------------------------------------------------------------------------------
