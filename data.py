@@ -1,5 +1,5 @@
 """Data for FairLLaVA: records, images, the tokenizer and prompt template, labels, batches, the
-baselines, a demo data set.
+baselines.
 
 FairLLaVA (CVPR 2026, arXiv 2603.26008) fine-tunes a LLaVA-style model for chest X-ray report
 generation (MIMIC-CXR, PadChest) and dermoscopy QA (HAM10000), and reports every metric per group of
@@ -13,24 +13,18 @@ race, age and gender (Sec. 4). This file turns those data sets into training bat
   on_error="skip", is dropped and counted in one summary line. Nothing fails on item 50,000.
 - `GroupBalancedSampler` (resampling) and `inverse_frequency_weights` (reweighting) are the two
   baselines of the paper's tables.
-- `make_synthetic` writes a small synthetic chest X-ray benchmark, in the MIMIC JSON format, that
-  plants the mechanism the paper blames for unfair reports (see "Synthetic benchmark" below), and a
-  BPE tokenizer trained on it, because real MIMIC-CXR needs credentialed access. Items also carry
-  their true `findings_labels`; `extract_findings` labels a generated report the same way.
 
-    python data.py --make-demo data/demo                  # ~5-10 s: images, JSON splits, tokenizer
-    python data.py --check data/demo/train.json --dataset mimic   # validate, print group counts
-    python data.py --convert ham HAM10000_metadata.csv ham.json   # metadata CSV -> LLaVA JSON
+The synthetic chest X-ray benchmark of the demo (real MIMIC-CXR needs credentialed access) lives in
+synthetic.py and writes this same MIMIC JSON format.
+
+    python data.py --check runs/demo/data/train.json --dataset mimic   # validate, print group counts
+    python data.py --convert ham HAM10000_metadata.csv ham.json        # metadata CSV -> LLaVA JSON
 """
 
 import argparse
 import csv
-import functools
 import json
 import math
-import re
-import string
-import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -532,260 +526,6 @@ class GroupBalancedSampler(torch.utils.data.Sampler):
 
 
 # ----------------------------------------------------------------------------------------------
-# Synthetic benchmark: the built-in demo data
-#
-# What is planted, and why (the paper's diagnosis of unfair reports, Sec. 1 and 4):
-# 1. Findings that decide the report. Each image is a frontal chest film drawn from shapes: body,
-#    lungs, ribs, spine, heart, and five findings: cardiomegaly (cardiothoracic ratio 0.51-0.62 vs a
-#    normal 0.38-0.50: a subtle boundary), pleural effusion (side, size, meniscus),
-#    focal opacity (lobe), pneumothorax (side, size: dark rim without markings + pleural line) and
-#    support devices (pacemaker, central line, ET tube). The report is templated from exactly these,
-#    with varied phrasings and explicit negations; `extract_findings` reads the labels back.
-# 2. Demographic traces, as real X-rays leak race and age (Gichoya et al.): age fades rib contrast
-#    and spine density and adds aortic-knob calcification; female patients have breast shadows and a
-#    narrower body; race adds a faint acquisition-level texture (a grating whose orientation depends
-#    on race) and an exposure offset. A linear probe on raw pixels reads all three (see tests).
-# 3. A shortcut in training only. Train/val have one majority race (62 % white), age depends on race
-#    (cross-attribute dependency) and findings depend on demographics: cardiomegaly is common in
-#    black patients, opacity in asian and hispanic ones, effusion and devices in the old,
-#    pneumothorax in young men. A model can therefore "diagnose" from the demographic trace. The
-#    test split draws demographics uniformly and findings independently of them, at the training
-#    marginal rates; a model that took the shortcut over-calls findings for the groups where they
-#    were common in training and misses them where they were rare, so the groups pay unequally.
-
-SYN_RACE_P = (0.62, 0.18, 0.12, 0.08)  # white, black, asian, hispanic: codes 0-3 of the official encoding
-SYN_AGE_GIVEN_RACE = ((0.2, 0.4, 0.4), (0.35, 0.4, 0.25), (0.3, 0.4, 0.3), (0.5, 0.35, 0.15))
-SYN_P_MALE = 0.55
-FINDINGS = ("cardiomegaly", "effusion", "opacity", "pneumothorax", "devices")
-LOBES = ("right upper lobe", "right lower lobe", "left upper lobe", "left lower lobe")
-DEVICES = ("pacemaker", "central line", "endotracheal tube")
-
-
-def _train_prevalence(race, age, male):
-    """P(finding | demographics) in train and val: the planted shortcut."""
-    return dict(cardiomegaly=0.15 + 0.35 * (race == 1) + 0.15 * (age == 2), effusion=0.10 + 0.30 * (age == 2),
-                opacity=0.15 + 0.25 * (race in (2, 3)), pneumothorax=0.04 + 0.20 * (age == 0 and male),
-                devices=0.10 + 0.30 * (age == 2))
-
-
-def _marginal_prevalence():
-    """Training prevalence averaged over the training demographics: the test split's rates."""
-    out = dict.fromkeys(FINDINGS, 0.0)
-    for race, pr in enumerate(SYN_RACE_P):
-        for age, pa in enumerate(SYN_AGE_GIVEN_RACE[race]):
-            for male, pg in ((True, SYN_P_MALE), (False, 1 - SYN_P_MALE)):
-                for k, v in _train_prevalence(race, age, male).items():
-                    out[k] += pr * pa * pg * v
-    return out
-
-
-TEST_PREVALENCE = _marginal_prevalence()
-
-
-def _sample_case(rng, split):
-    if split == "test":  # decorrelated: uniform demographics, findings independent of them
-        race, age, male = int(rng.integers(4)), int(rng.integers(3)), bool(rng.random() < 0.5)
-        prev = TEST_PREVALENCE
-    else:
-        race = int(rng.choice(4, p=SYN_RACE_P))
-        age, male = int(rng.choice(3, p=SYN_AGE_GIVEN_RACE[race])), bool(rng.random() < SYN_P_MALE)
-        prev = _train_prevalence(race, age, male)
-    has = {k: bool(rng.random() < p) for k, p in prev.items()}
-    side = lambda: str(rng.choice(["right", "left"]))
-    f = dict(ctr=float(rng.uniform(0.51, 0.62) if has["cardiomegaly"] else rng.uniform(0.38, 0.50)),
-             effusion=(str(rng.choice(["right", "left", "bilateral"], p=[0.4, 0.35, 0.25])),
-                       str(rng.choice(["small", "moderate", "large"], p=[0.5, 0.35, 0.15]))) if has["effusion"] else None,
-             opacity=str(rng.choice(LOBES)) if has["opacity"] else None,
-             pneumothorax=(side(), str(rng.choice(["small", "large"], p=[0.7, 0.3]))) if has["pneumothorax"] else None,
-             devices=tuple(d for d in DEVICES if rng.random() < 0.5) or (DEVICES[int(rng.integers(3))],)
-             if has["devices"] else (), labels={k: int(v) for k, v in has.items()})
-    return race, age, male, f
-
-
-@functools.lru_cache
-def _grid(size):
-    c = (np.arange(size, dtype=np.float32) + 0.5) / size * 2 - 1  # pixel centres in [-1, 1]
-    return np.meshgrid(c, c, indexing="ij")
-
-
-def _render(rng, size, race, age, male, f):
-    """One grayscale film, uint8 (size, size). Coordinates in [-1, 1], y down; image left is the
-    patient's right, as on a PA film."""
-    y0, x0 = _grid(size)  # acquisition frame: (S, S) each
-    s = 1 + rng.normal(0, 0.03)  # patient pose: anatomy shifts and scales a little
-    x, y = (x0 - rng.normal(0, 0.03)) / s, (y0 - rng.normal(0, 0.03)) / s
-    sig = lambda z: 0.5 + 0.5 * np.tanh(0.5 * z)  # logistic, without overflow
-
-    def blob(cx, cy, ax, ay, edge=0.05):  # soft ellipse: 1 inside, 0 outside
-        return sig((1 - np.sqrt(((x - cx) / ax) ** 2 + ((y - cy) / ay) ** 2)) / edge)
-
-    def line(p, q, width=0.03):  # soft segment from p to q
-        d = np.array(q) - np.array(p)
-        t = np.clip(((x - p[0]) * d[0] + (y - p[1]) * d[1]) / (d @ d), 0, 1)
-        return np.exp(-(np.hypot(x - p[0] - t * d[0], y - p[1] - t * d[1]) / width) ** 2)
-
-    img = 0.06 + 0.40 * blob(0, 0.1, 0.86 if male else 0.80, 1.1)  # soft tissue
-    lung = {"right": blob(-0.4, -0.05, 0.3, 0.62), "left": blob(0.4, -0.05, 0.3, 0.62)}
-    lungs = lung["right"] + lung["left"]
-    img -= 0.30 * lungs
-    ribs = (0.16, 0.10, 0.05)[age] * (0.5 + 0.5 * np.cos(2 * np.pi * (3.2 * y + 0.5 * x ** 2))) ** 8 * lungs
-    img += ribs  # curved bands whose contrast fades with age (bone density)
-    img += (0.26, 0.22, 0.18)[age] * blob(0, 0, 0.08, 1.2, 0.02)  # spine and mediastinum
-    if rng.random() < (0.0, 0.2, 0.85)[age]:  # calcified aortic knob: a bright ring
-        img += 0.2 * np.exp(-((np.hypot(x - 0.15, y + 0.32) - 0.07) / 0.02) ** 2)
-    if not male:  # breast shadows over the lower lungs
-        img += 0.10 * (blob(-0.5, 0.45, 0.34, 0.24, 0.12) + blob(0.5, 0.45, 0.34, 0.24, 0.12))
-    img += 0.30 * blob(0.10, 0.36, f["ctr"] * 0.78, 0.24)  # heart; 0.78 = half the thoracic width
-    if f["effusion"]:
-        where, amount = f["effusion"]
-        level = {"small": 0.42, "moderate": 0.28, "large": 0.10}[amount]
-        meniscus = sig((y - level + 0.3 * (np.abs(x) - 0.4)) / 0.03)  # fluid climbs the lateral wall
-        img += 0.30 * meniscus * (lungs if where == "bilateral" else lung[where])
-    if f["opacity"]:
-        cx = -0.42 if f["opacity"].startswith("right") else 0.42
-        cy = -0.3 if "upper" in f["opacity"] else 0.25
-        img += 0.25 * np.exp(-((x - cx) ** 2 + (y - cy) ** 2) / (2 * 0.12 ** 2)) * lungs
-    if f["pneumothorax"]:
-        where, amount = f["pneumothorax"]
-        edge = 0.62 - (0.12 if amount == "small" else 0.22)  # |x| of the collapsed lung's edge
-        apex = sig((0.1 - y) / 0.05) * lung[where]
-        img -= (0.12 * sig((np.abs(x) - edge) / 0.02) + 0.5 * ribs) * apex
-        img += 0.15 * np.exp(-((np.abs(x) - edge) / 0.015) ** 2) * apex  # visceral pleural line
-    if "pacemaker" in f["devices"]:
-        img += 0.55 * blob(0.55, -0.62, 0.09, 0.06, 0.02) + 0.3 * line((0.55, -0.62), (0.12, 0.3))
-    if "central line" in f["devices"]:
-        img += 0.35 * line((-0.3, -1.0), (-0.06, -0.25))
-    if "endotracheal tube" in f["devices"]:
-        img += 0.35 * line((0.0, -1.0), (0.0, -0.45), 0.04)
-    theta = race * np.pi / 4  # race: acquisition-level texture, fixed in the image frame
-    img += 0.035 * np.cos(2 * np.pi * 3 * (x0 * np.cos(theta) + y0 * np.sin(theta)))
-    img += (0.0, -0.04, 0.03, 0.05)[race]
-    img = img * rng.uniform(0.9, 1.1) + rng.normal(0, 0.02) + rng.normal(0, 0.025, img.shape)
-    return (np.clip(img, 0, 1) * 255).round().astype(np.uint8)
-
-
-def _report(rng, f):
-    pick = lambda *options: options[int(rng.integers(len(options)))]
-    s = []
-    for d in f["devices"]:
-        s.append({"pacemaker": pick("A left-sided pacemaker is in place with leads in the right atrium and ventricle.",
-                                    "Left chest wall pacemaker with leads in standard position."),
-                  "central line": pick("A right internal jugular central venous catheter terminates in the mid SVC.",
-                                       "Right IJ line ends in the SVC."),
-                  "endotracheal tube": pick("An endotracheal tube terminates about 4 cm above the carina.",
-                                            "ET tube in standard position.")}[d])
-    if f["ctr"] > 0.5:
-        grade = "mildly" if f["ctr"] < 0.56 else "moderately"
-        s.append(pick(f"The heart is {grade} enlarged.", f"{grade.capitalize()[:-2]} cardiomegaly.",
-                      f"The cardiac silhouette is {grade} enlarged."))
-    else:
-        s.append(pick("The cardiac silhouette is normal in size.", "Heart size is normal.", "The heart is not enlarged."))
-    s.append(pick("The mediastinal and hilar contours are unremarkable.", "Mediastinal contours are within normal limits."))
-    if f["opacity"]:
-        lobe = f["opacity"]
-        s.append(pick(f"There is a focal opacity in the {lobe}, concerning for pneumonia.",
-                      f"{lobe.capitalize()} consolidation is seen.", f"Patchy opacity in the {lobe} may reflect infection."))
-    else:
-        s.append(pick("The lungs are clear without focal consolidation.", "There is no focal opacity to suggest pneumonia.",
-                      "The lungs are clear."))
-    if not f["effusion"] and not f["pneumothorax"] and rng.random() < 0.5:
-        s.append(pick("No pleural effusion or pneumothorax.", "There is no pleural effusion or pneumothorax."))
-    else:
-        if f["effusion"]:
-            where, amount = f["effusion"]
-            s.append(f"{amount.capitalize()} bilateral pleural effusions." if where == "bilateral" else
-                     pick(f"{amount.capitalize()} {where} pleural effusion.", f"There is a {amount} {where} pleural effusion."))
-        else:
-            s.append(pick("No pleural effusion.", "There is no pleural effusion.", "No effusion is seen."))
-        if f["pneumothorax"]:
-            where, amount = f["pneumothorax"]
-            s.append(pick(f"{amount.capitalize()} {where} apical pneumothorax.", f"There is a {amount} {where} pneumothorax."))
-        else:
-            s.append(pick("No pneumothorax.", "There is no pneumothorax."))
-    if f["ctr"] <= 0.5 and not (f["effusion"] or f["opacity"] or f["pneumothorax"]) and rng.random() < 0.5:
-        s.append("No acute cardiopulmonary process.")
-    return " ".join(s)
-
-
-_KEYWORDS = dict(cardiomegaly=r"cardiomegaly|enlarged", effusion=r"effusion", opacity=r"opacity|consolidation",
-                 pneumothorax=r"pneumothorax", devices=r"pacemaker|catheter|\btube\b|\bline\b")
-
-
-def extract_findings(report):
-    """Rule-based labeler for the synthetic reports (the demo's stand-in for CheXbert): a finding is
-    positive when some sentence names it without "no", "not" or "without"."""
-    out = dict.fromkeys(FINDINGS, 0)
-    for sentence in re.split(r"(?<=\.)\s+", report.lower()):
-        negated = re.search(r"\b(no|not|without)\b", sentence)
-        for k, pattern in _KEYWORDS.items():
-            if re.search(pattern, sentence) and not negated:
-                out[k] = 1
-    return out
-
-
-_INDICATIONS = ("Shortness of breath.", "Chest pain.", "Cough and fever, evaluate for pneumonia.", "Hypoxia.",
-                "Follow-up.", "Preoperative evaluation.")
-
-
-@dataclass
-class SyntheticConfig:
-    n_train: int = 2000
-    n_val: int = 200
-    n_test: int = 600
-    size: int = 64  # image side in pixels
-    seed: int = 0
-    vocab_size: int = 1024  # BPE target; the small corpus may stop short of it
-
-
-def make_synthetic(out_dir, cfg=SyntheticConfig()):
-    """Write {train,val,test}.json (MIMIC format + "findings_labels"), images/<split>/*.png and
-    tokenizer.json to out_dir. Deterministic in cfg.seed. Returns {split: list of JSON items}."""
-    out = Path(out_dir)
-    splits = {}
-    for k, (split, n) in enumerate((("train", cfg.n_train), ("val", cfg.n_val), ("test", cfg.n_test))):
-        rng = np.random.default_rng([cfg.seed, k])
-        (out / "images" / split).mkdir(parents=True, exist_ok=True)
-        items = []
-        for i in range(n):
-            race, age, male, f = _sample_case(rng, split)
-            pixels = _render(rng, cfg.size, race, age, male, f)
-            report = _report(rng, f)
-            indication = str(rng.choice(_INDICATIONS)) if rng.random() < 0.5 else None
-            if f["devices"] and rng.random() < 0.5:
-                indication = "Evaluate line placement."
-            item_id, image = f"{split}_{i:05d}", f"images/{split}/{split}_{i:05d}.png"
-            Image.fromarray(pixels).save(out / image)
-            items.append(_item(item_id, image, mimic_question(indication), report,
-                               anchor_age_group=age, gender="M" if male else "F", race_major=RACES[race],
-                               findings_labels=f["labels"]))
-        with open(out / f"{split}.json", "w") as fh:
-            json.dump(items, fh, indent=1)
-        splits[split] = items
-    texts = [conversation_prompt(it["conversations"][0]["value"], it["conversations"][1]["value"])
-             for it in splits["train"]]
-    train_demo_tokenizer(texts, cfg.vocab_size).save(str(out / "tokenizer.json"))
-    return splits
-
-
-def train_demo_tokenizer(texts, vocab_size=1024):
-    """A small Llama-like BPE tokenizer: Metaspace pre-tokenizer ("▁word"), <unk> 0 / <s> 1 / </s> 2
-    as in Llama (so LlamaConfig's bos 1, eos 2, pad 0 hold), BOS prepended by the post-processor,
-    every printable ASCII character in the alphabet (no <unk> on plain English). Trained on the
-    text between <image> and </s> markers: what tokenize_with_image hands to the BPE model (the
-    trainer would otherwise learn pieces like "effusion.</s>" that encoding never uses)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
-    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>"],
-                                  initial_alphabet=list(string.printable) + ["▁"], show_progress=False)
-    tok.train_from_iterator((chunk for t in texts for chunk in re.split(r"<image>|</s>", t) if chunk), trainer)
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", 1)])
-    assert [tok.token_to_id(t) for t in ("<unk>", "<s>", "</s>")] == [0, 1, 2]
-    return tok
-
-
-# ----------------------------------------------------------------------------------------------
 
 
 def _print_groups(name, records):
@@ -796,35 +536,15 @@ def _print_groups(name, records):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description="FairLLaVA data: demo set, validation, converters.")
-    ap.add_argument("--make-demo", metavar="DIR", help="write the synthetic benchmark and tokenizer to DIR")
-    ap.add_argument("--n-train", type=int, default=SyntheticConfig.n_train, help="demo training images")
-    ap.add_argument("--n-val", type=int, default=SyntheticConfig.n_val, help="demo validation images")
-    ap.add_argument("--n-test", type=int, default=SyntheticConfig.n_test, help="demo test images")
-    ap.add_argument("--size", type=int, default=SyntheticConfig.size, help="demo image side in pixels")
-    ap.add_argument("--seed", type=int, default=SyntheticConfig.seed, help="demo random seed")
+    ap = argparse.ArgumentParser(description="FairLLaVA data: validation and converters.")
     ap.add_argument("--check", metavar="JSON", help="validate a LLaVA JSON file and print its group counts")
     ap.add_argument("--dataset", default="mimic", choices=sorted(DATASETS), help="format of --check JSON")
     ap.add_argument("--skip-bad", action="store_true", help="--check: skip and count bad items instead of failing")
     ap.add_argument("--convert", nargs=3, metavar=("DATASET", "CSV", "OUT_JSON"),
                     help="convert a metadata CSV (mimic|padchest|ham) to LLaVA JSON")
     args = ap.parse_args(argv)
-    if not (args.make_demo or args.check or args.convert):
-        ap.error("nothing to do: give --make-demo, --check or --convert")
-    if args.make_demo:
-        t0 = time.time()
-        cfg = SyntheticConfig(args.n_train, args.n_val, args.n_test, args.size, args.seed)
-        splits = make_synthetic(args.make_demo, cfg)
-        print(f"wrote {args.make_demo} in {time.time() - t0:.1f}s ({cfg.size}px images, tokenizer.json with "
-              f"{load_tokenizer(args.make_demo).get_vocab_size()} tokens)")
-        for split, items in splits.items():
-            recs = read_llava_json(Path(args.make_demo) / f"{split}.json")  # read back, validated
-            _print_groups(split, recs)
-            for finding, attr in (("cardiomegaly", "race"), ("effusion", "age"), ("opacity", "race")):
-                rates = {}
-                for r, it in zip(recs, items):
-                    rates.setdefault(ATTRIBUTES[attr].classes[r["attrs"][attr]], []).append(it["findings_labels"][finding])
-                print(f"{'':7s}{finding} rate by {attr}: " + ", ".join(f"{k} {np.mean(v):.2f}" for k, v in sorted(rates.items())))
+    if not (args.check or args.convert):
+        ap.error("nothing to do: give --check or --convert (the synthetic benchmark: python synthetic.py)")
     if args.check:
         _print_groups("check", read_llava_json(args.check, args.dataset, on_error="skip" if args.skip_bad else "raise"))
     if args.convert:

@@ -16,9 +16,10 @@ of four methods:
     torchrun --nproc_per_node=8 train.py ...      # the official 8-GPU setting
     python train.py --dry-run                     # 7B parameter counts and memory estimate
 
-Outputs in --out: `mm_projector.bin` (LLaVA key names), `adapter/` (PEFT format), `dac.safetensors`,
-`log.jsonl` (one line per optimizer step) and `checkpoint.pt` (trainable tensors + optimizer +
-sampler + RNG state, written atomically) from which --resume continues exactly.
+Outputs in --out: `mm_projector.bin` (LLaVA key names), `adapter/` (PEFT format), `log.jsonl` (one
+line per optimizer step), `monitor.jsonl` (with --monitor-json) and `checkpoint.pt` (trainable
+tensors, phi included + optimizers + step + RNG state, written atomically, loadable with
+weights_only=True) from which --resume continues exactly.
 """
 
 import argparse

@@ -1,5 +1,6 @@
 """Data (data.py): attribute codes, the tokenizer and template, label masking, images, batches, the
-resampling/reweighting baselines, bad input, and the synthetic benchmark (determinism, planted shortcut, pixel leak)."""
+resampling/reweighting baselines, bad input, the converters and the command line. The synthetic
+benchmark has its own tests (test_synthetic.py)."""
 
 import csv
 import json
@@ -13,16 +14,17 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 
 import data
 from data import (ATTRIBUTES, SYSTEM_PROMPT, DataError, GroupBalancedSampler, ImageProcessor,
-                  ReportDataset, SyntheticConfig, collate, conversation_prompt, encode_example, extract_findings,
-                  group_labels, inverse_frequency_weights, load_tokenizer, make_synthetic, read_llava_json,
-                  tokenize_with_image)
+                  ReportDataset, collate, conversation_prompt, encode_example, group_labels,
+                  inverse_frequency_weights, load_tokenizer, read_llava_json, tokenize_with_image)
 from model import IGNORE_INDEX, IMAGE_TOKEN_INDEX, VisionConfig
+from synthetic import SyntheticConfig, make_synthetic
 
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
-    splits = make_synthetic(out, SyntheticConfig(n_train=600, n_val=8, n_test=300, seed=0))
+    splits = make_synthetic(out, SyntheticConfig(n_pretrain=30, n_train=30, n_val=4, n_test=4, n_swap=2, size=32,
+                                                 vocab_size=300))
     return out, splits
 
 
@@ -351,83 +353,16 @@ def test_converters_and_readers_for_the_three_formats(tmp_path, capsys):
 
 
 # ---------------------------------------------------------------------------------------------
-# Synthetic benchmark
+# Command line
 
 
-def test_generator_is_deterministic(tmp_path):
-    cfg = SyntheticConfig(n_train=6, n_val=2, n_test=4, seed=7)
-    make_synthetic(tmp_path / "a", cfg)
-    make_synthetic(tmp_path / "b", cfg)
-    make_synthetic(tmp_path / "c", SyntheticConfig(n_train=6, n_val=2, n_test=4, seed=8))
-    files = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*") if p.is_file())
-    assert len(files) == 3 + 12 + 1
-    for f in files:
-        assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes(), f
-    assert (tmp_path / "a" / "train.json").read_bytes() != (tmp_path / "c" / "train.json").read_bytes()
-
-
-def test_generated_set_reads_back_and_reports_match_their_findings(demo):
-    out, splits = demo
-    for split, items in splits.items():
-        recs = read_llava_json(out / f"{split}.json", decode_images=True)
-        assert len(recs) == len(items) and all(r["attrs"]["race"] in (0, 1, 2, 3) for r in recs)
-        for it in items:
-            report = it["conversations"][1]["value"]
-            assert extract_findings(report) == it["findings_labels"], report
-            assert 15 <= len(report.split()) <= 80
-    assert len({it["conversations"][1]["value"] for it in splits["train"]}) > 300  # varied, not a handful of templates
-    with Image.open(out / splits["test"][0]["image"]) as img:
-        assert img.mode == "L" and img.size == (64, 64)
-
-
-def rates(items, finding, attr):
-    key = dict(race="race_major", age="anchor_age_group", gender="gender")[attr]
-    out = {}
-    for it in items:
-        out.setdefault(it[key], []).append(it["findings_labels"][finding])
-    return {k: float(np.mean(v)) for k, v in out.items()}
-
-
-def test_shortcut_is_planted_in_train_and_broken_in_test(demo):
-    _, splits = demo
-    train, test = splits["train"], splits["test"]
-    race = Counter(it["race_major"] for it in train)
-    assert race["white"] > 0.5 * len(train) and race["hispanic"] < 0.15 * len(train)  # imbalance
-    assert all(60 <= c <= 90 for c in Counter(it["race_major"] for it in test).values())  # balanced test
-    tr, te = rates(train, "cardiomegaly", "race"), rates(test, "cardiomegaly", "race")
-    assert tr["black"] - tr["white"] > 0.2 and abs(te["black"] - te["white"]) < 0.1
-    tr, te = rates(train, "effusion", "age"), rates(test, "effusion", "age")
-    assert tr[2] - tr[0] > 0.2 and abs(te[2] - te[0]) < 0.1
-    # cross-attribute dependency: hispanic patients are younger in train only
-    young = lambda items, r: np.mean([it["anchor_age_group"] == 0 for it in items if it["race_major"] == r])
-    assert young(train, "hispanic") - young(train, "white") > 0.2 and abs(young(test, "hispanic") - young(test, "white")) < 0.15
-
-
-def pixels(out, items):
-    # raw pixels, 2x2 average-pooled to 32x32 (the scale the demo's ViT sees)
-    return np.stack([np.asarray(data.load_image(out / it["image"]), np.float32).reshape(32, 2, 32, 2).mean((1, 3)).ravel() / 255
-                     for it in items])
-
-
-def test_linear_probe_on_raw_pixels_reads_the_planted_demographics(demo):
-    out, splits = demo
-    Xtr, Xte = pixels(out, splits["train"]), pixels(out, splits["test"])
-    mu, sd = Xtr.mean(0), Xtr.std(0) + 1e-6
-    Xtr, Xte = (Xtr - mu) / sd, (Xte - mu) / sd
-    for attr, key, k, least in (("race", lambda it: data.RACES.index(it["race_major"]), 4, 0.6),
-                                ("age", lambda it: it["anchor_age_group"], 3, 0.55),
-                                ("gender", lambda it: "MF".index(it["gender"]), 2, 0.8)):
-        ytr, yte = np.array([key(it) for it in splits["train"]]), np.array([key(it) for it in splits["test"]])
-        # ridge regression onto one-hot targets, solved in its dual form (600 x 600)
-        Y = np.eye(k)[ytr]
-        W = Xtr.T @ np.linalg.solve(Xtr @ Xtr.T + 100 * np.eye(len(Xtr)), Y - Y.mean(0))
-        pred = (Xte @ W).argmax(1)
-        balanced = np.mean([(pred[yte == c] == c).mean() for c in range(k)])  # chance = 1 / k on the test split
-        assert balanced > least, (attr, balanced)
-
-
-def test_make_demo_command_prints_group_counts(tmp_path, capsys):
-    data.main(["--make-demo", str(tmp_path / "d"), "--n-train", "30", "--n-val", "5", "--n-test", "12"])
+def test_check_command_prints_group_counts(demo, capsys):
+    out, _ = demo
+    data.main(["--check", str(out / "train.json")])
     text = capsys.readouterr().out
-    assert "train  n=   30  race: white" in text and "test   n=   12" in text and "gender: " in text
-    assert "cardiomegaly rate by race" in text and (tmp_path / "d" / "tokenizer.json").is_file()
+    assert text.startswith("check  n=   30  race: ") and "gender: " in text and "age: " in text
+    for argv in ([], ["--make-demo", str(out / "again")]):  # the benchmark is synthetic.py's now
+        with pytest.raises(SystemExit) as e:
+            data.main(argv)
+        assert e.value.code == 2
+    assert "nothing to do: give --check or --convert" in capsys.readouterr().err

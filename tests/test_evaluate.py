@@ -14,9 +14,10 @@ from PIL import Image
 
 import evaluate as E
 import metrics as M
-from data import ImageProcessor, conversation_prompt, read_llava_json, tokenize_with_image, train_demo_tokenizer
+from data import ImageProcessor, conversation_prompt, read_llava_json, tokenize_with_image
 from lora import LoRAConfig, apply_lora, lora_layers, save_peft_adapter
 from model import LlamaConfig, generate, save_llama, tiny_llava
+from synthetic import train_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
 N = 36
@@ -54,7 +55,7 @@ def bench(tmp_path_factory):
         Image.fromarray(np.clip(px, 0, 255).astype(np.uint8)).save(root / it["image"])
     (root / "test.json").write_text(json.dumps(items))
     records = read_llava_json(root / "test.json")
-    tok = train_demo_tokenizer([conversation_prompt(r["question"], r["answer"]) for r in records], vocab_size=300)
+    tok = train_tokenizer([conversation_prompt(r["question"], r["answer"]) for r in records], vocab_size=300)
     tok.save(str(root / "tokenizer.json"))
     model = tiny_llava(llm=LlamaConfig.tiny(vocab_size=tok.get_vocab_size())).eval()
     return dict(root=root, records=records, tok=tok, model=model, proc=ImageProcessor(size=32))

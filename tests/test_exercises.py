@@ -595,29 +595,3 @@ def test_exercises_md_gives_each_check_command():
     text = (ROOT / "EXERCISES.md").read_text()
     for name in EXERCISES:
         assert f"python exercises/check.py {name} " in text, name
-
-
-def test_shortcut_strength_scales_the_planted_dependence(tmp_path):
-    import data
-    from exercises import shortcut
-    demographics = [(r, a, m) for r in range(4) for a in range(3) for m in (True, False)]
-    original = {d: data._train_prevalence(*d) for d in demographics}
-    marginal = dict(data.TEST_PREVALENCE)
-    undo = shortcut.set_strength(0.0)
-    try:
-        for d in demographics:  # s = 0: every group has the marginal rates, the shortcut is gone
-            assert data._train_prevalence(*d) == pytest.approx(marginal)
-        assert data.TEST_PREVALENCE == pytest.approx(marginal)
-    finally:
-        undo()
-    undo = shortcut.set_strength(2.0)
-    try:  # s = 2: twice the gap to the marginal, clipped to [0.01, 0.99]
-        for d in demographics:
-            for f, p in data._train_prevalence(*d).items():
-                assert p == pytest.approx(min(0.99, max(0.01, 2 * original[d][f] - marginal[f])))
-    finally:
-        undo()
-    assert {d: data._train_prevalence(*d) for d in demographics} == original and data.TEST_PREVALENCE == marginal
-    (tmp_path / "data").mkdir()  # data made elsewhere, with another strength: refused before any work
-    with pytest.raises(SystemExit):
-        shortcut.main(["--strength", "0.5", "--demo-dir", str(tmp_path)])
