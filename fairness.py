@@ -26,11 +26,13 @@ model returns (LlavaOutput.hidden / .image_mask / .attention_mask / .labels). Us
     (out.loss + dim).backward()                                 # reaches LoRA + projector only
 
 What is followed, and the official code's variants (offered as options):
-- phi is one Linear(hidden, K_a) per attribute (official); an optional hidden layer is offered.
+- phi is one Linear(hidden, K_a) per attribute (official).
 - h: the paper ablates first / mid / last / mean(first, mid, last); mid is the default (the
   paper's best, and the official `hidden_states[int(0.5 * 33)]`). Tokens: image tokens (official),
   answer tokens or every non-pad token, masked mean; or the official "one random token per sample,
   L2-normalised" variant.
+- What phi and DIM see of h (`h_norm`): h itself (paper), h / ||h|| (official code) or h standardised
+  over the batch (not in either; see normalize_h).
 - Negative pairs: official = off-diagonal pairs of the batch; original CLUB = all pairs.
 - Penalty: official = smooth |CLUB| = sqrt(CLUB^2 + 1e-6); original CLUB = CLUB itself.
 - Protocol: the paper's alternating step (phi updated first, then frozen for L_DIM), or the official
@@ -39,8 +41,8 @@ A caveat the tests make visible: DIM removes only what the current phi can read.
 backbone, the backbone can learn to fool that phi instead of dropping the attribute (the usual
 failure of adversarial games), and a fresh probe still reads it. Keep phi close to its best
 response: `dac_steps` > 1, a larger phi learning rate, or LBFGS as the phi optimizer.
-Left out: any non-linear leak a linear (or one-hidden-layer) phi cannot see stays in h; with DDP
-each rank keeps its own phi unless the caller wraps it.
+Left out: any non-linear leak a linear phi cannot see stays in h; with DDP each rank keeps its own
+phi unless the caller wraps it.
 """
 
 from dataclasses import dataclass, field

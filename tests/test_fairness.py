@@ -8,8 +8,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fairness import (DAC, FairnessConfig, FairnessRegularizer, club, dac_loss, dim_penalty,
-                      pool_hidden, select_layers, token_mask)
+from fairness import (DAC, H_NORMS, FairnessConfig, FairnessRegularizer, club, dac_loss, dim_penalty, leak_report,
+                      normalize_h, pool_hidden, select_layers, token_mask)
 
 
 @pytest.fixture(autouse=True)
@@ -50,11 +50,13 @@ def test_default_dac_has_57358_parameters():
     assert sum(p.numel() for p in fair.parameters()) == 14 * 4096 + 14 == 57_358
 
 
-def test_dac_hidden_layer_and_unknown_class_sizes():
-    dac = DAC(16, {"race": 9, "gender": 2}, dac_hidden=4)
-    assert sum(p.numel() for p in dac.parameters()) == 2 * (16 * 4 + 4) + (4 * 9 + 9) + (4 * 2 + 2)
-    fair = FairnessRegularizer(FairnessConfig(unknown_as_class=True), hidden_size=16)
-    assert fair.dac(torch.zeros(1, 16))["race"].shape == (1, 10)
+def test_dac_is_one_linear_head_per_attribute():
+    dac = DAC(16, {"race": 9, "gender": 2})
+    assert sum(p.numel() for p in dac.parameters()) == (16 * 9 + 9) + (16 * 2 + 2)
+    assert all(isinstance(head, nn.Linear) for head in dac.heads.values())
+    fair = FairnessRegularizer(FairnessConfig(), hidden_size=16)  # unknown is left out, not a class of its own
+    assert {a: x.shape for a, x in fair.dac(torch.zeros(1, 16)).items()} == {
+        "race": (1, 9), "age": (1, 3), "gender": (1, 2)}
 
 
 # -----------------------------------------------------------------------------
@@ -305,10 +307,8 @@ def test_unknown_labels_are_left_out():
         assert club(logits[a], attrs[a]).item() == pytest.approx(club(logits[a][keep], attrs[a][keep]).item())
     _, stats = fair.dac_loss(h, attrs)
     assert stats["n/race"] == 4 and stats["n/gender"] == 5
-    # when asked, unknown is its own class (index K_a)
-    fair_u = FairnessRegularizer(small_cfg(unknown_as_class=True), hidden_size=8)
-    ys = fair_u.labels(attrs, 6, h.device)
-    assert ys["race"].tolist() == [0, 3, 2, 1, 3, 2] and ys["gender"].tolist() == [1, 0, 2, 0, 1, 1]
+    ys = fair.labels(attrs, 6, h.device)  # unknown stays -1: never a class of its own
+    assert ys["race"].tolist() == [0, -1, 2, 1, -1, 2] and ys["gender"].tolist() == [1, 0, -1, 0, 1, 1]
 
 
 def test_sample_with_empty_token_mask_is_left_out():
@@ -466,39 +466,166 @@ def test_single_attribute_debiasing_leaves_the_other_attribute():
     assert gender_only["age"] > 0.6 and plain["age"] > 0.6
 
 
-def test_dac_normalize_lets_a_one_step_phi_read_a_small_dimension():
-    """Not in the paper (option dac_normalize): h dominated by large dimensions, the attribute in a
-    tiny one. One Adam step per batch, as Algorithm 1: raw h keeps phi near chance; standardised h
-    lets it read the attribute. The running statistics move on the L_DAC path only, and DIM still
-    gives phi no gradient."""
-    def run(normalize):
+def test_batch_h_norm_lets_a_one_step_phi_read_a_small_dimension():
+    """Not in the paper (h_norm="batch"): h dominated by large dimensions, the attribute in a tiny
+    one. One Adam step per batch, as Algorithm 1: raw h keeps phi near chance; h standardised over
+    the batch lets it read the attribute. DIM still reaches h only, through the statistics too."""
+    def planted(n, g):
+        a = torch.randint(0, 2, (n,), generator=g)
+        h = torch.randn(n, 16, generator=g) * 100.0
+        h[:, 0] = (a.float() * 2 - 1) * 0.05 + torch.randn(n, generator=g) * 0.01
+        return h, {"gender": a}
+
+    def run(h_norm):
         g = torch.Generator().manual_seed(0)
-        fair = FairnessRegularizer(FairnessConfig.single("gender", dac_normalize=normalize), hidden_size=16)
+        torch.manual_seed(0)
+        fair = FairnessRegularizer(FairnessConfig.single("gender", h_norm=h_norm), hidden_size=16)
         opt = torch.optim.Adam(fair.parameters(), lr=1e-2)
         for _ in range(300):
-            a = torch.randint(0, 2, (16,), generator=g)
-            h = torch.randn(16, 16, generator=g) * 100.0
-            h[:, 0] = (a.float() * 2 - 1) * 0.05 + torch.randn(16, generator=g) * 0.01
+            h, a = planted(16, g)
             opt.zero_grad()
-            fair.dac_loss(h, {"gender": a})[0].backward()
+            fair.dac_loss(h, a)[0].backward()
             opt.step()
-        a = torch.randint(0, 2, (2000,), generator=g)
-        h = torch.randn(2000, 16, generator=g) * 100.0
-        h[:, 0] = (a.float() * 2 - 1) * 0.05 + torch.randn(2000, generator=g) * 0.01
-        with torch.no_grad():
-            acc = (fair.dac(h)["gender"].argmax(-1) == a).float().mean().item()
-        return fair, acc
+        with torch.no_grad():  # held out, through the same view of h (batch: the held-out set's statistics)
+            return fair, fair.dac_loss(*planted(2000, g))[1]["dac_acc/gender"].item()
 
-    _, raw = run(False)
-    fair, normed = run(True)
+    _, raw = run("none")
+    fair, normed = run("batch")
     assert raw < 0.65 and normed > 0.95, (raw, normed)
-    mean_before = fair.dac.h_mean.clone()
     fair.zero_grad(set_to_none=True)
     h = (torch.randn(8, 16) * 100).requires_grad_()
-    a = {"gender": torch.randint(0, 2, (8,))}
-    dim, _ = fair.dim_loss(h, a)
+    dim, _ = fair.dim_loss(h, {"gender": torch.tensor([0, 1] * 4)})
     dim.backward()
-    assert torch.equal(fair.dac.h_mean, mean_before)  # DIM reads the statistics, never moves them
-    assert all(p.grad is None for p in fair.parameters()) and h.grad is not None
-    fair.dac_loss(h, a)
-    assert not torch.equal(fair.dac.h_mean, mean_before)
+    assert all(p.grad is None for p in fair.parameters())
+    assert h.grad is not None and h.grad.abs().sum() > 0
+
+
+# -----------------------------------------------------------------------------
+# normalize_h: the view of h that phi and DIM share
+
+SCALES = (1e-3, 0.5, 7.0, 1e4)
+
+
+def scaled_losses(h_norm, c):
+    """(L_DIM, L_DAC) of c * h for one random phi, h and batch with both attributes known."""
+    _, h = backbone_and_h(batch=12)
+    torch.manual_seed(3)
+    fair = FairnessRegularizer(small_cfg(h_norm=h_norm), hidden_size=8)
+    attrs = mixed_attrs(batch=12)
+    return fair.dim_loss(c * h.detach(), attrs)[0].item(), fair.dac_loss(c * h.detach(), attrs)[0].item()
+
+
+@pytest.mark.parametrize("c", SCALES)
+@pytest.mark.parametrize("h_norm", ["l2", "batch"])
+def test_l2_and_batch_h_norm_are_blind_to_the_scale_of_h(h_norm, c):
+    # the backbone cannot lower L_DIM (or change what phi learns) by shrinking or growing h
+    dim1, dac1 = scaled_losses(h_norm, 1.0)
+    dim_c, dac_c = scaled_losses(h_norm, c)
+    assert dim_c == pytest.approx(dim1, rel=1e-5) and dac_c == pytest.approx(dac1, rel=1e-5)
+
+
+@pytest.mark.parametrize("c", SCALES)
+def test_raw_h_losses_depend_on_the_scale_of_h(c):
+    dim1, dac1 = scaled_losses("none", 1.0)
+    dim_c, dac_c = scaled_losses("none", c)
+    assert dim_c != pytest.approx(dim1, rel=1e-3) and dac_c != pytest.approx(dac1, rel=1e-3)
+
+
+def test_normalize_h_by_hand():
+    h = torch.tensor([[3.0, 0.0], [0.0, 2.0], [1.0, 1.0]])
+    assert torch.equal(normalize_h(h, "none"), h)
+    torch.testing.assert_close(normalize_h(h, "l2"), h / h.norm(dim=1, keepdim=True))
+    z = normalize_h(h, "batch")
+    mu, var = h.mean(0), h.var(0, unbiased=False)
+    torch.testing.assert_close(z, (h - mu) / torch.sqrt(var + 1e-5 * var.mean()))
+    torch.testing.assert_close(z.mean(0), torch.zeros(2), atol=1e-6, rtol=0)
+    torch.testing.assert_close(z.var(0, unbiased=False), torch.ones(2), atol=1e-4, rtol=0)
+    with pytest.raises(ValueError, match="h_norm must be one of"):
+        normalize_h(h, "layer")
+    with pytest.raises(ValueError, match="FairnessConfig.h_norm must be one of"):
+        FairnessConfig(h_norm="layer")
+    assert H_NORMS == ("none", "l2", "batch")
+
+
+def test_batch_h_norm_dim_gradient_reaches_h_and_never_phi():
+    enc, h = backbone_and_h(batch=8)
+    fair = FairnessRegularizer(small_cfg(h_norm="batch"), hidden_size=8)
+    loss, _ = fair.dim_loss(h, mixed_attrs(batch=8))
+    loss.backward()
+    assert all(g is None for g in grads(fair))
+    assert all(g is not None and torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads(enc))
+    # and L_DAC the other way round: phi only, even though the statistics come from h
+    enc, h = backbone_and_h(batch=8)
+    fair.zero_grad(set_to_none=True)
+    fair.dac_loss(h, mixed_attrs(batch=8))[0].backward()
+    assert all(g is None for g in grads(enc)) and all(g is not None for g in grads(fair))
+
+
+def test_batch_h_norm_statistics_ignore_invalid_rows():
+    _, h = backbone_and_h(batch=8)
+    h = h.detach()
+    valid = torch.tensor([True, True, False, True, True, False, True, True])
+    z = normalize_h(h, "batch", valid)
+    torch.testing.assert_close(z[valid], normalize_h(h[valid], "batch"))
+    garbage = h.clone()
+    garbage[~valid] = 1e6  # an empty-mask row (h = 0 in practice) or anything else
+    torch.testing.assert_close(normalize_h(garbage, "batch", valid)[valid], z[valid])
+    fair = FairnessRegularizer(small_cfg(h_norm="batch"), hidden_size=8)
+    attrs = mixed_attrs(batch=8)
+    for method in (fair.dim_loss, fair.dac_loss):
+        assert method(garbage, attrs, valid=valid)[0].item() == pytest.approx(method(h, attrs, valid=valid)[0].item())
+    # one valid row: no statistics, so h contributes nothing (and CLUB is 0 anyway)
+    one = torch.tensor([True] + [False] * 7)
+    hg = h.clone().requires_grad_()
+    z1 = normalize_h(hg, "batch", one)
+    assert torch.equal(z1, torch.zeros_like(h))
+    z1.sum().backward()
+    assert hg.grad is not None
+
+
+# -----------------------------------------------------------------------------
+# leak_report: the leak on held-out h
+
+def leaky_h(n=400, seed=0, signal=3.0):
+    """h (n, 8) of unit noise; gender in dimension 0 and age (3 levels) in dimension 1 when signal > 0."""
+    g = torch.Generator().manual_seed(seed)
+    attrs = {"gender": torch.randint(0, 2, (n,), generator=g), "age": torch.randint(0, 3, (n,), generator=g)}
+    h = torch.randn(n, 8, generator=g)
+    h[:, 0] += signal * (2 * attrs["gender"] - 1).float()
+    h[:, 1] += signal * (attrs["age"] - 1).float()
+    return h, attrs
+
+
+def test_leak_report_probe_reads_a_planted_attribute():
+    h, attrs = leaky_h()
+    r = leak_report(h, attrs)
+    assert r["probe/gender"] > 0.95 and r["probe/age"] > 0.85
+    assert r["h_rms"] == pytest.approx(h.var(0, unbiased=False).mean().sqrt().item(), rel=1e-6)
+    assert set(r) == {"h_rms", "probe/gender", "probe/age"}
+
+
+def test_leak_report_probe_is_near_chance_on_noise():
+    h, attrs = leaky_h(signal=0.0)
+    r = leak_report(h, attrs)
+    assert abs(r["probe/gender"] - 0.5) < 0.12 and abs(r["probe/age"] - 1 / 3) < 0.12, r
+
+
+def test_leak_report_with_phi_covers_the_debiased_attributes_only():
+    h, attrs = leaky_h()
+    cfg = FairnessConfig.single("gender", num_classes={"gender": 2, "age": 3}, lambdas={"gender": 1.0})
+    torch.manual_seed(0)
+    fair = FairnessRegularizer(cfg, hidden_size=8)
+    opt = torch.optim.Adam(fair.parameters(), lr=0.05)
+    for _ in range(100):  # fit phi on the set: its accuracy and CLUB then show the leak
+        opt.zero_grad()
+        fair.dac_loss(h, attrs)[0].backward()
+        opt.step()
+    attrs_with_unknown = {**attrs, "gender": torch.where(torch.arange(len(h)) % 10 == 0, -1, attrs["gender"])}
+    r = leak_report(h, attrs_with_unknown, fair)
+    assert set(r) == {"h_rms", "probe/gender", "probe/age", "dac_acc/gender", "club/gender"}
+    assert r["dac_acc/gender"] > 0.95 and r["club/gender"] > 0.3
+    known = attrs_with_unknown["gender"] >= 0
+    with torch.no_grad():
+        logits = fair.dac(h)["gender"]
+    assert r["dac_acc/gender"] == pytest.approx((logits.argmax(-1)[known] == attrs["gender"][known]).float().mean().item())
+    assert r["club/gender"] == pytest.approx(club(logits, attrs_with_unknown["gender"]).item(), rel=1e-5)
