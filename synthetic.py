@@ -60,6 +60,10 @@ DEVICES = ("pacemaker", "central line", "endotracheal tube")
 SPLITS = ("pretrain", "train", "val", "test")
 
 
+def _distribution(p, k):
+    return len(p) == k and min(p) >= 0 and abs(sum(p) - 1) <= 1e-6
+
+
 @dataclass
 class SyntheticConfig:
     n_pretrain: int = 2000  # decorrelated images + reports the stand-in base models learn from
@@ -89,8 +93,15 @@ class SyntheticConfig:
                 raise ValueError(f"SyntheticConfig.{name} must be >= 0, got {getattr(self, name)}")
         if self.shortcut_strength < 0:
             raise ValueError(f"SyntheticConfig.shortcut_strength must be >= 0, got {self.shortcut_strength}")
-        if len(self.race_p) != len(RACE_NAMES) or abs(sum(self.race_p) - 1) > 1e-6:
-            raise ValueError(f"SyntheticConfig.race_p must be {len(RACE_NAMES)} probabilities summing to 1")
+        for name in ("p_disadvantaged", "p_others", "p_control", "p_male"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"SyntheticConfig.{name} must be a probability in [0, 1], got {getattr(self, name)}")
+        if not _distribution(self.race_p, len(RACE_NAMES)):
+            raise ValueError(f"SyntheticConfig.race_p must be {len(RACE_NAMES)} probabilities >= 0 summing to 1, "
+                             f"got {self.race_p}")
+        if len(self.age_given_race) != len(RACE_NAMES) or not all(_distribution(row, 3) for row in self.age_given_race):
+            raise ValueError(f"SyntheticConfig.age_given_race must be {len(RACE_NAMES)} rows (one per race) of 3 "
+                             f"probabilities >= 0 summing to 1, got {self.age_given_race}")
         if not 0 <= self.disadvantaged_race < len(RACE_NAMES):
             raise ValueError(f"SyntheticConfig.disadvantaged_race must be in 0..{len(RACE_NAMES) - 1}")
 
@@ -356,7 +367,10 @@ def main(argv=None):
             ap.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default,
                             help=f"SyntheticConfig.{f.name}")
     args = ap.parse_args(argv)
-    cfg = SyntheticConfig(**{f.name: getattr(args, f.name) for f in fields(SyntheticConfig) if hasattr(args, f.name)})
+    try:
+        cfg = SyntheticConfig(**{f.name: getattr(args, f.name) for f in fields(SyntheticConfig) if hasattr(args, f.name)})
+    except ValueError as e:
+        ap.error(str(e))
     t0 = time.time()
     splits = make_synthetic(args.out, cfg)
     print(f"wrote {args.out} in {time.time() - t0:.1f}s")
