@@ -586,6 +586,10 @@ def load_checkpoint(path, model, fair, opt, dac_opt):
     except Exception as e:
         raise ValueError(f"--resume {path}: not a checkpoint written by train.py ({type(e).__name__}: "
                          f"{str(e).splitlines()[0][:200]})") from None
+    keys = set(st) if isinstance(st, dict) else set()
+    missing = sorted({"step", "trainable", "optimizer", "dac_optimizer", "rng"} - keys)
+    if missing:  # a torch file of something else
+        raise ValueError(f"--resume {path}: not a checkpoint written by train.py (no {', '.join(missing)})")
     sd = st["trainable"]
     expected = trainable_state(model, fair)
     check_state_dict(expected, sd, f"--resume {path}")

@@ -1,6 +1,9 @@
 """train.py: gradient accumulation and DDP give the gradients of one process on the combined
-batch, --resume continues exactly, bad steps and crashes are handled, --dry-run counts."""
+batch, --resume continues exactly from a checkpoint that loads with weights_only=True, bad steps,
+crashes and foreign checkpoints are handled, phi follows the main learning-rate schedule, the leak
+monitor leaves training untouched, --dry-run counts."""
 
+import argparse
 import json
 import os
 import socket
@@ -24,7 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def env(tmp_path_factory):
     """A tiny synthetic data set and tiny base models written in the official layouts."""
     root = tmp_path_factory.mktemp("train")
-    cfg = synthetic.SyntheticConfig(n_pretrain=24, n_train=24, n_val=4, n_test=4, n_swap=2, size=32, vocab_size=300)
+    cfg = synthetic.SyntheticConfig(n_pretrain=24, n_train=24, n_val=8, n_test=4, n_swap=2, size=32, vocab_size=300)
     synthetic.make_synthetic(root / "data", cfg)
     tok = load_tokenizer(root / "data" / "tokenizer.json")
     torch.manual_seed(0)
@@ -129,6 +132,84 @@ def test_resume_mismatch_is_an_error(env, tmp_path):
         train.train(config(env, tmp_path / "r", max_steps=2, lora_r=8, resume=True), quiet=True)
     with pytest.raises(FileNotFoundError, match="checkpoint.pt not found"):
         train.train(config(env, tmp_path / "empty", max_steps=1, resume=True), quiet=True)
+
+
+def test_checkpoint_loads_with_weights_only(env, tmp_path):
+    """Tensors, numbers and strings only: torch.load(weights_only=True) reads it, so resuming never
+    runs code from the file."""
+    train.train(config(env, tmp_path / "w", method="fairllava", max_steps=2, lora_dropout=0.1), quiet=True)
+    st = torch.load(tmp_path / "w" / "checkpoint.pt", map_location="cpu", weights_only=True)
+    assert set(st) == {"step", "config", "trainable", "optimizer", "dac_optimizer", "rng"} and st["step"] == 2
+    assert json.loads(st["config"])["method"] == "fairllava"
+    assert any(k.startswith("llm.") and "lora_A" in k for k in st["trainable"])
+    assert any(k.startswith("mm_projector.") for k in st["trainable"]) and "fair.dac.heads.age.weight" in st["trainable"]
+    assert st["dac_optimizer"]["state"] and len(st["rng"]) == 1 and isinstance(st["rng"][0]["torch"], torch.Tensor)
+
+
+FOREIGN = {
+    "pickled_object": lambda path: torch.save(argparse.Namespace(step=3), path),  # needs code to unpickle
+    "not_a_torch_file": lambda path: path.write_bytes(b"not a checkpoint at all"),
+    "tensors_of_something_else": lambda path: torch.save({"model": {"w": torch.zeros(2)}}, path),
+}
+
+
+@pytest.mark.parametrize("kind", FOREIGN)
+def test_resume_from_a_foreign_file_is_a_value_error(env, tmp_path, kind):
+    out = tmp_path / "f"
+    out.mkdir()
+    FOREIGN[kind](out / "checkpoint.pt")
+    with pytest.raises(ValueError, match=f"--resume {out / 'checkpoint.pt'}: not a checkpoint written by train.py"):
+        train.train(config(env, out, max_steps=1, resume=True), quiet=True)
+
+
+@pytest.mark.parametrize("protocol", ["alternating", "single_step"])
+def test_phi_learning_rate_follows_the_main_schedule(env, tmp_path, monkeypatch, protocol):
+    """One schedule for every learning rate: phi's lr / dac_lr equals the main lr / lr at every step,
+    whether phi has its own optimizer (alternating) or a group of the main one (single_step)."""
+    seen = {}
+    real_build = train.build_regularizer
+
+    def spy(cfg, model, opt, d):  # record phi's lr each time its parameters are stepped
+        fair, dac_opt = real_build(cfg, model, opt, d)
+        phi_opt, group = (dac_opt.opt, 0) if dac_opt is not None else (opt, 1)
+        real_step = phi_opt.step
+
+        def step(*a, **k):
+            seen.setdefault("lr", []).append(phi_opt.param_groups[group]["lr"])
+            return real_step(*a, **k)
+
+        phi_opt.step = step
+        return fair, dac_opt
+
+    monkeypatch.setattr(train, "build_regularizer", spy)
+    cfg = config(env, tmp_path / protocol, method="fairllava", protocol=protocol, max_steps=5, warmup_ratio=0.4,
+                 lr=1e-3, dac_lr=4e-3)
+    train.train(cfg, quiet=True)
+    main_lr = [x["lr"] for x in log(tmp_path / protocol)]
+    assert len(seen["lr"]) == 5
+    assert main_lr == pytest.approx([1e-3 * train.cosine_lr(s, 5, 2) for s in range(5)])  # warmup 2, then cosine
+    assert [lr / 4e-3 for lr in seen["lr"]] == pytest.approx([lr / 1e-3 for lr in main_lr])
+
+
+@pytest.mark.parametrize("method", ["fairllava", "lora"])
+def test_monitor_logs_the_leak_and_leaves_training_untouched(env, tmp_path, monkeypatch, method):
+    kw = dict(method=method, max_steps=3, lora_dropout=0.1, batch_size=4, grad_accum=2)  # dropout draws from the RNG
+    train.train(config(env, tmp_path / "plain", **kw), quiet=True)
+    graphs = []
+    real_report = train.leak_report
+    monkeypatch.setattr(train, "leak_report", lambda h, *a: graphs.append(h.requires_grad) or real_report(h, *a))
+    train.train(config(env, tmp_path / "mon", monitor_json=str(env / "data" / "val.json"), monitor_every=1, **kw),
+                quiet=True)
+    assert not (tmp_path / "plain" / "monitor.jsonl").exists()
+    # the monitor draws nothing from the random streams: the training is the same to the last bit
+    assert [x["loss"] for x in log(tmp_path / "mon")] == [x["loss"] for x in log(tmp_path / "plain")]
+    points = [json.loads(line) for line in (tmp_path / "mon" / "monitor.jsonl").read_text().splitlines()]
+    assert [p["step"] for p in points] == [0, 1, 2, 3]  # before training, then after every step
+    phi_keys = {"dac_acc/race", "club/race", "dac_acc/age", "club/age", "dac_acc/gender", "club/gender"}
+    for p in points:
+        assert {"h_rms", "probe/race", "probe/age", "probe/gender"} <= set(p) and p["h_rms"] > 0
+        assert (phi_keys <= set(p)) if method == "fairllava" else not (phi_keys & set(p))
+    assert graphs == [False] * 4  # h is measured without building an autograd graph
 
 
 def test_nonfinite_loss_skips_then_stops(env, tmp_path, monkeypatch):
