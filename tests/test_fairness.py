@@ -629,3 +629,212 @@ def test_leak_report_with_phi_covers_the_debiased_attributes_only():
         logits = fair.dac(h)["gender"]
     assert r["dac_acc/gender"] == pytest.approx((logits.argmax(-1)[known] == attrs["gender"][known]).float().mean().item())
     assert r["club/gender"] == pytest.approx(club(logits, attrs_with_unknown["gender"]).item(), rel=1e-5)
+
+
+# -----------------------------------------------------------------------------
+# normalize_h("batch"): the statistics are constants to the gradient
+
+def test_batch_h_norm_gradient_does_not_flow_through_the_statistics():
+    # with mu and var as constants, d z_ij / d h_ij = r_j = 1 / sqrt(var_j + eps * mean(var)), and no
+    # other entry of h moves z_ij: the gradient of z.sum() is r_j in every row. Through mu and var it
+    # would be 0 instead (each column of z sums to 0 whatever h is).
+    g = torch.Generator().manual_seed(0)
+    h = (torch.randn(7, 4, generator=g, dtype=torch.float64) * torch.tensor([1e-2, 1.0, 3.0, 50.0],
+                                                                            dtype=torch.float64)).requires_grad_()
+    normalize_h(h, "batch").sum().backward()
+    var = h.detach().var(0, unbiased=False)
+    r = 1 / torch.sqrt(var + 1e-5 * var.mean())  # (H,)
+    torch.testing.assert_close(h.grad, r.expand(7, 4))
+    # with a valid mask the statistics come from the valid rows, and every row gets the same r
+    valid = torch.tensor([True, False, True, True, False, True, True])
+    hv = h.detach().clone().requires_grad_()
+    normalize_h(hv, "batch", valid).sum().backward()
+    var_v = h.detach()[valid].var(0, unbiased=False)
+    torch.testing.assert_close(hv.grad, (1 / torch.sqrt(var_v + 1e-5 * var_v.mean())).expand(7, 4))
+
+
+# -----------------------------------------------------------------------------
+# dac_memory: phi also fits a FIFO of earlier batches' normalised sg(h)
+
+def memory_fair(size, h_norm="none", hidden=3, seed=0, **overrides):
+    torch.manual_seed(seed)
+    return FairnessRegularizer(small_cfg(dac_memory=size, h_norm=h_norm, **overrides), hidden_size=hidden)
+
+
+def rows(first, n, hidden=3):
+    """n rows of h whose entries all equal first, first + 1, ...: easy to find in the memory."""
+    return torch.arange(first, first + n, dtype=torch.float32).unsqueeze(1).repeat(1, hidden)
+
+
+def test_memory_starts_empty_and_is_off_by_default():
+    fair = memory_fair(4)
+    assert torch.equal(fair.memory_h, torch.zeros(4, 3))
+    assert torch.equal(fair.memory_y, torch.full((4, 2), -1)) and fair.memory_y.dtype == torch.long
+    assert int(fair.memory_next) == 0
+    plain = FairnessRegularizer(small_cfg(), hidden_size=3)
+    assert not any(k.startswith("memory") for k in plain.state_dict())
+    plain.remember(rows(1, 2), {"race": torch.tensor([0, 1]), "gender": torch.tensor([0, 1])})  # a no-op
+
+
+def test_memory_fills_in_fifo_order_and_wraps_around():
+    fair = memory_fair(5)
+    fair.remember(rows(1, 3), {"race": torch.tensor([0, 1, 2]), "gender": torch.tensor([1, 0, 1])})
+    assert torch.equal(fair.memory_h, torch.cat([rows(1, 3), torch.zeros(2, 3)]))
+    assert fair.memory_y.tolist() == [[0, 1], [1, 0], [2, 1], [-1, -1], [-1, -1]]
+    assert int(fair.memory_next) == 3
+    # the second batch fills slots 3, 4, then overwrites the oldest (slot 0)
+    fair.remember(rows(4, 3), {"race": torch.tensor([2, 2, 0]), "gender": torch.tensor([0, 0, 0])})
+    assert torch.equal(fair.memory_h, torch.cat([rows(6, 1), rows(2, 2), rows(4, 2)]))
+    assert fair.memory_y.tolist() == [[0, 0], [1, 0], [2, 1], [2, 0], [2, 0]]
+    assert int(fair.memory_next) == 1
+    # a batch larger than the memory keeps its last rows, in slot order
+    fair.remember(rows(10, 7), {"race": torch.arange(7) % 3, "gender": torch.arange(7) % 2})
+    assert int(fair.memory_next) == (1 + 7) % 5
+    assert torch.equal(fair.memory_h, torch.cat([rows(14, 1), rows(15, 2), rows(12, 2)]))
+    assert fair.memory_y[:, 0].tolist() == [r % 3 for r in (4, 5, 6, 2, 3)]
+
+
+def test_memory_holds_h_as_phi_sees_it():
+    _, h = backbone_and_h(batch=6, hidden=3)
+    attrs = mixed_attrs(batch=6)
+    valid = torch.tensor([True, True, False, True, True, True])
+    for h_norm in ("l2", "batch"):
+        fair = memory_fair(6, h_norm=h_norm)
+        fair.remember(h, attrs, valid)
+        torch.testing.assert_close(fair.memory_h, normalize_h(h.detach(), h_norm, valid))
+        assert not fair.memory_h.requires_grad
+
+
+def test_memory_stores_left_out_rows_as_unknown_and_l_dac_skips_them():
+    fair = memory_fair(8)
+    attrs = {"race": torch.tensor([0, 1, 2, 1]), "gender": torch.tensor([1, -1, 0, 1])}
+    valid = torch.tensor([True, True, False, True])
+    _, h_old = backbone_and_h(batch=4, hidden=3, seed=1)
+    fair.remember(h_old.detach(), attrs, valid)
+    assert fair.memory_y[:4].tolist() == [[0, 1], [1, -1], [-1, -1], [1, 1]]  # invalid row 2: both unknown
+    _, h = backbone_and_h(batch=6, hidden=3, seed=2)
+    cur = mixed_attrs(batch=6)
+    loss, stats = fair.dac_loss(h, cur)
+    # by hand: cross-entropy over the current batch plus the memory rows with a known label
+    with torch.no_grad():
+        logits = fair.dac(torch.cat([h.detach(), fair.memory_h]))
+    expected = 0.0
+    for i, a in enumerate(("race", "gender")):
+        y = torch.cat([cur[a], fair.memory_y[:, i]])
+        known = y >= 0
+        assert int(known.sum()) == 6 + (3 if a == "race" else 2)
+        expected += F.cross_entropy(logits[a][known], y[known]).item()
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+    # whatever sits in an unknown row (the invalid one, the empty slots) does not count
+    fair.memory_h[2] = 1e4
+    fair.memory_h[4:] = -1e4
+    assert fair.dac_loss(h, cur)[0].item() == pytest.approx(loss.item(), rel=1e-6)
+    # the stats count the current batch only
+    assert all(int(stats[f"n/{a}"]) == 6 for a in ("race", "gender"))
+
+
+@pytest.mark.parametrize("h_norm", ["none", "batch"])
+def test_empty_memory_gives_the_memoryless_l_dac(h_norm):
+    _, h = backbone_and_h(batch=6, hidden=3)
+    attrs = mixed_attrs(batch=6)
+    valid = torch.tensor([True, True, True, False, True, True])
+    fair = memory_fair(4, h_norm=h_norm)
+    plain = FairnessRegularizer(small_cfg(h_norm=h_norm), hidden_size=3)
+    plain.load_state_dict({k: v for k, v in fair.state_dict().items() if not k.startswith("memory")})
+    loss, stats = fair.dac_loss(h, attrs, valid)
+    loss_plain, stats_plain = plain.dac_loss(h, attrs, valid)
+    assert loss.item() == pytest.approx(loss_plain.item(), rel=1e-6)
+    assert stats.keys() == stats_plain.keys()
+    for k in stats:
+        assert stats[k].item() == pytest.approx(stats_plain[k].item(), rel=1e-6), k
+    loss.backward()
+    loss_plain.backward()
+    for p, q in zip(fair.parameters(), plain.parameters()):
+        torch.testing.assert_close(p.grad, q.grad)
+
+
+def test_memory_changes_l_dac_but_phi_stats_describe_the_current_batch():
+    _, h = backbone_and_h(batch=6, hidden=3)
+    attrs = mixed_attrs(batch=6)
+    fair = memory_fair(4)
+    plain = FairnessRegularizer(small_cfg(), hidden_size=3)
+    plain.load_state_dict({k: v for k, v in fair.state_dict().items() if not k.startswith("memory")})
+    _, h_old = backbone_and_h(batch=4, hidden=3, seed=7)
+    fair.remember(h_old, {"race": torch.tensor([2, 2, 2, 2]), "gender": torch.tensor([0, 0, 0, 0])})
+    loss, stats = fair.dac_loss(h, attrs)
+    loss_plain, stats_plain = plain.dac_loss(h, attrs)
+    assert loss.item() != pytest.approx(loss_plain.item(), rel=1e-4)  # the memory is fitted too
+    for a in ("race", "gender"):
+        assert torch.equal(stats[f"n/{a}"], stats_plain[f"n/{a}"])
+        assert torch.equal(stats[f"dac_acc/{a}"], stats_plain[f"dac_acc/{a}"])
+
+
+@pytest.mark.parametrize("protocol", ["alternating", "single_step"])
+def test_each_step_pushes_the_batch_into_the_memory(protocol):
+    enc, h = backbone_and_h(batch=6, hidden=3)
+    attrs = mixed_attrs(batch=6)
+    fair = memory_fair(10, protocol=protocol)
+    opt = torch.optim.SGD(fair.parameters(), lr=0.1)
+    fair(h, attrs, opt if protocol == "alternating" else None)
+    assert int(fair.memory_next) == 6
+    torch.testing.assert_close(fair.memory_h[:6], h.detach())
+    assert fair.memory_y[:6].tolist() == torch.stack([attrs["race"], attrs["gender"]], 1).tolist()
+    assert (fair.memory_y[6:] == -1).all()
+
+
+def test_l_dim_never_reaches_phi_or_the_memory():
+    enc, h = backbone_and_h(batch=6, hidden=3)
+    attrs = mixed_attrs(batch=6)
+    fair = memory_fair(8, h_norm="batch")
+    opt = torch.optim.SGD(fair.parameters(), lr=0.1)
+    _, h_old = backbone_and_h(batch=6, hidden=3, seed=3)
+    fair.remember(h_old, attrs)
+    dim, _ = fair(h, attrs, opt)  # alternating: phi stepped, the batch remembered, L_DIM returned
+    opt.zero_grad(set_to_none=True)
+    dim.backward()
+    assert all(p.grad is None for p in fair.parameters())
+    assert all(g is not None and g.abs().sum() > 0 for g in grads(enc))
+    for name, buf in fair.named_buffers():
+        assert not buf.requires_grad and buf.grad_fn is None and buf.grad is None, name
+    # the single-step loss: its L_DAC part reaches phi (through the memory rows too), never the memory
+    fair_s = memory_fair(8, h_norm="batch", protocol="single_step")
+    fair_s.remember(h_old, attrs)
+    enc, h = backbone_and_h(batch=6, hidden=3)
+    loss, _ = fair_s(h, attrs)
+    loss.backward()
+    assert all(p.grad is not None for p in fair_s.parameters())
+    assert all(not buf.requires_grad and buf.grad is None for buf in fair_s.buffers())
+
+
+def test_memory_is_checkpointed_and_a_restored_regulariser_continues_identically(tmp_path):
+    batches = [backbone_and_h(batch=6, hidden=3, seed=s)[1].detach() for s in range(4)]
+    attrs = [{"race": torch.randint(0, 3, (6,), generator=torch.Generator().manual_seed(s)),
+              "gender": torch.randint(0, 2, (6,), generator=torch.Generator().manual_seed(10 + s))} for s in range(4)]
+
+    def make(seed):
+        fair = memory_fair(8, h_norm="batch", dac_steps=2, seed=seed)
+        return fair, torch.optim.AdamW(fair.parameters(), lr=0.05, weight_decay=0.0)
+
+    a, opt_a = make(0)
+    for h, y in zip(batches[:2], attrs[:2]):
+        a(h, y, opt_a)
+    assert {"memory_h", "memory_y", "memory_next"} <= set(a.state_dict())
+    torch.save({"fair": a.state_dict(), "opt": opt_a.state_dict()}, tmp_path / "ckpt.pt")  # as train.py does
+    st = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    b, opt_b = make(seed=1)  # other phi, empty memory: everything must come from the checkpoint
+    b.load_state_dict(st["fair"])  # strict
+    opt_b.load_state_dict(st["opt"])
+    for h, y in zip(batches[2:], attrs[2:]):  # wraps the memory around (6 + 6 + 6 > 8)
+        dim_a, stats_a = a(h, y, opt_a)
+        dim_b, stats_b = b(h, y, opt_b)
+        assert torch.equal(dim_a, dim_b)
+        assert all(torch.equal(stats_a[k], stats_b[k]) for k in stats_a)
+    for (k, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.equal(x, y), k
+    assert int(a.memory_next) == (4 * 6) % 8
+
+
+def test_negative_dac_memory_is_refused():
+    with pytest.raises(ValueError, match=r"FairnessConfig\.dac_memory must be >= 0, got -1"):
+        small_cfg(dac_memory=-1)
+    assert FairnessConfig().dac_memory == 0  # the paper: phi sees the current batch only

@@ -293,3 +293,103 @@ def test_from_json_refuses_unknown_fields(tmp_path):
     path.write_text(json.dumps({"n_train": 5, "shortcut": 1.0}))
     with pytest.raises(ValueError, match=r"synthetic.json: unknown SyntheticConfig fields \['shortcut'\]"):
         S.SyntheticConfig.from_json(path)
+
+
+# ----------------------------------------------------------------------------------------------
+# scoring generated reports: Finding-F1, per-group error rates, the trace swap
+
+
+def test_finding_f1_is_micro_f1_over_the_shortcut_findings():
+    pairs = [  # (hypothesis, reference): (tp, fp, fn) over cardiomegaly / effusion / opacity
+        ("Mild cardiomegaly. The lungs are clear. Small right pleural effusion.",  # cardio tp, effusion fp
+         "The heart is mildly enlarged. Patchy opacity in the left lower lobe. No pleural effusion."),  # opacity fn
+        ("A left-sided pacemaker is in place. Heart size is normal. There is no focal opacity. No pleural effusion.",
+         "Heart size is normal. The lungs are clear. There is no pleural effusion."),  # devices are not counted
+        ("Mild cardiomegaly. There is a focal opacity in the right upper lobe. Small bilateral pleural effusions.",
+         "The cardiac silhouette is enlarged. Patchy opacity in the right upper lobe. "
+         "There is a small left pleural effusion."),  # 3 tp
+    ]
+    hyps, refs = [h for h, _ in pairs], [r for _, r in pairs]
+    assert S.FINDING_F1.stats(hyps, refs).tolist() == [[1, 1, 1], [0, 0, 0], [3, 0, 0]]
+    # tp 4, fp 1, fn 1: F1 = 2 tp / (2 tp + fp + fn) = 8 / 10
+    assert S.FINDING_F1(hyps, refs) == pytest.approx(80.0)
+    assert S.FINDING_F1.name == "Finding-F1 (shortcut findings)"
+    assert S.FINDING_F1(refs, refs) == pytest.approx(100.0)
+    assert S.FINDING_F1([pairs[1][0]], [pairs[1][1]]) == 0.0  # nothing to find, nothing found: 0, not NaN
+    assert S.FINDING_F1(["Mild cardiomegaly."], ["Heart size is normal."]) == 0.0
+
+
+ER_ITEMS = [  # (id, race, true cardiomegaly / effusion / opacity / devices, the model's report)
+    ("test_00000", "white", (1, 0, 1, 0), "Mild cardiomegaly. The lungs are clear. No pleural effusion."),
+    ("test_00001", "white", (0, 1, 0, 1), "Mild cardiomegaly. There is no focal opacity. Small left pleural effusion. "
+                                          "ET tube in standard position."),
+    ("test_00002", "black", (1, 1, 0, 0), "Heart size is normal. The lungs are clear. No pleural effusion."),
+    ("test_00003", "black", (1, 0, 0, 0), "The heart is mildly enlarged. The lungs are clear. No pleural effusion."),
+    ("test_00004", "asian", (0, 0, 0, 0), "Patchy opacity in the left upper lobe. Heart size is normal. "
+                                          "No pleural effusion. Right IJ line ends in the SVC."),
+]
+
+
+def er_items():
+    items = [{"id": i, "race_major": race, "gender": "F" if k % 2 else "M",
+              "findings_labels": dict(zip(S.FINDINGS, labels))} for k, (i, race, labels, _) in enumerate(ER_ITEMS)]
+    predictions = [{"id": i, "prediction": text} for i, _, _, text in reversed(ER_ITEMS)]  # matched by id, not order
+    predictions.append({"id": "test_00099", "prediction": "Mild cardiomegaly."})  # not in the items: ignored
+    return predictions, items
+
+
+def test_error_rates_per_race_and_finding():
+    predictions, items = er_items()
+    rates = S.error_rates(predictions, items)
+    assert list(rates) == ["asian", "black", "white"]
+
+    def r(fnr, fpr, n_pos, n_neg):
+        return {"fnr": fnr, "fpr": fpr, "n_pos": n_pos, "n_neg": n_neg}
+
+    assert rates["white"] == {"cardiomegaly": r(0.0, 1.0, 1, 1), "effusion": r(0.0, 0.0, 1, 1),
+                              "opacity": r(1.0, 0.0, 1, 1), "devices": r(0.0, 0.0, 1, 1)}
+    assert rates["black"] == {"cardiomegaly": r(0.5, 0.0, 2, 0), "effusion": r(1.0, 0.0, 1, 1),
+                              "opacity": r(0.0, 0.0, 0, 2), "devices": r(0.0, 0.0, 0, 2)}  # no positives: fnr 0
+    assert rates["asian"] == {"cardiomegaly": r(0.0, 0.0, 0, 1), "effusion": r(0.0, 0.0, 0, 1),
+                              "opacity": r(0.0, 1.0, 0, 1), "devices": r(0.0, 1.0, 0, 1)}
+
+
+def test_error_rates_by_another_field():
+    predictions, items = er_items()
+    rates = S.error_rates(predictions, items, by="gender")
+    assert list(rates) == ["F", "M"]  # F: items 1 and 3; M: items 0, 2 and 4
+    assert rates["F"]["cardiomegaly"] == {"fnr": 0.0, "fpr": 1.0, "n_pos": 1, "n_neg": 1}
+    assert rates["M"]["cardiomegaly"] == {"fnr": 0.5, "fpr": 0.0, "n_pos": 2, "n_neg": 1}
+
+
+def test_swap_flips_counts_lost_gained_and_changed_per_direction():
+    predictions = [
+        {"id": "test_00003", "prediction": "Mild cardiomegaly. Patchy opacity in the right lower lobe. "
+                                           "No pleural effusion."},  # white: cardio, opacity
+        {"id": "test_00004", "prediction": "The heart is mildly enlarged. The lungs are clear. "
+                                           "Small bilateral pleural effusions."},  # black: cardio, effusion
+        {"id": "test_00005", "prediction": "Heart size is normal. The lungs are clear. No pleural effusion."},  # white
+        {"id": "test_00001", "prediction": "Mild cardiomegaly."},  # not swapped: ignored
+    ]
+    swap_predictions = [
+        {"id": "swap_00003", "prediction": "Heart size is normal. Patchy opacity in the right lower lobe. "
+                                           "Small right pleural effusion. A left-sided pacemaker is in place."},
+        {"id": "swap_00004", "prediction": "The cardiac silhouette is normal in size. There is no focal opacity. "
+                                           "There is no pleural effusion."},
+        {"id": "swap_00005", "prediction": "Mild cardiomegaly. There is a focal opacity in the left upper lobe. "
+                                           "No pleural effusion."},
+    ]
+    swap_items = [{"id": "swap_00003", "race_major": "white", "trace_race": "black"},
+                  {"id": "swap_00004", "race_major": "black", "trace_race": "white"},
+                  {"id": "swap_00005", "race_major": "white", "trace_race": "black"}]
+    flips = S.swap_flips(predictions, swap_predictions, swap_items)
+    assert list(flips) == ["black->white", "white->black"]
+    # white->black: 2 reported on the originals (case 3), 1 lost (cardio); 4 not reported, 3 gained
+    # (case 3 effusion, case 5 cardio + opacity; case 3's pacemaker is not a shortcut finding); 4 of 6 changed
+    assert flips["white->black"] == {"lost": 1 / 2, "gained": 3 / 4, "changed": 4 / 6, "n_cases": 2}
+    # black->white: both reported findings lost, the unreported opacity stays unreported
+    assert flips["black->white"] == {"lost": 1.0, "gained": 0.0, "changed": 2 / 3, "n_cases": 1}
+    # the same reports on both films: nothing flips
+    same = [{"id": p["id"].replace("test_", "swap_"), "prediction": p["prediction"]} for p in predictions]
+    assert all(v["lost"] == v["gained"] == v["changed"] == 0.0
+               for v in S.swap_flips(predictions, same, swap_items).values())

@@ -1,0 +1,269 @@
+"""The demo's plumbing (demo.py), without running the demo: flags, the config-keyed folders, the
+settings of each method, the seed statistics and the line charts."""
+
+import json
+import math
+from dataclasses import fields
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import demo
+import evaluate
+from demo import DemoConfig, DemoError
+from train import TrainConfig
+
+
+# ----------------------------------------------------------------------------------------------
+# flags
+
+
+def test_parse_args_defaults_are_the_demo_config():
+    assert demo.parse_args([]) == DemoConfig()
+
+
+def test_parse_args_user_flags_win():
+    cfg = demo.parse_args(["--lr", "1e-3", "--epochs", "2", "--batch-size", "8", "--lora-r", "4", "--seeds", "0", "1",
+                           "--methods", "lora", "fairllava", "--overwrite", "--dir", "runs/x"])
+    assert (cfg.lr, cfg.epochs, cfg.batch_size, cfg.lora_r) == (1e-3, 2.0, 8, 4)
+    assert cfg.seeds == (0, 1) and cfg.methods == ("lora", "fairllava")  # tuples, as in DemoConfig
+    assert cfg.overwrite is True and cfg.dir == "runs/x"
+    changed = {"lr", "epochs", "batch_size", "lora_r", "seeds", "methods", "overwrite", "dir"}
+    for f in fields(DemoConfig):  # everything else keeps its default
+        if f.name not in changed:
+            assert getattr(cfg, f.name) == getattr(DemoConfig(), f.name), f.name
+
+
+def test_every_flag_has_help(capsys):
+    with pytest.raises(SystemExit) as e:
+        demo.parse_args(["--help"])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    for f in fields(DemoConfig):
+        assert "--" + f.name.replace("_", "-") in text and f.metadata["help"], f.name
+
+
+NAN_NOT_REFUSED = pytest.mark.xfail(strict=True, reason="parse_args checks `x < 0`, which NaN passes")
+BAD_FLAGS = [
+    (["--methods", "nope"], "--methods"),
+    (["--methods", "lora", "nope"], "--methods"),
+    (["--workers", "0"], "--workers"),
+    (["--batch-size", "0"], "--batch-size"),
+    (["--variant-dac-steps", "0"], "--variant-dac-steps"),
+    (["--lr", "-1"], "--lr"),
+    (["--stage1-lr", "0"], "--stage1-lr"),
+    (["--dac-lr", "nan"], "--dac-lr"),
+    (["--lambda-scale", "-1"], "--lambda-scale"),
+    (["--shortcut-strength", "-0.5"], "--shortcut-strength"),
+    (["--variant-lambda-scale", "-1"], "--variant-lambda-scale"),
+    (["--workers", "two"], "--workers"),  # argparse's own type check
+    pytest.param(["--lambda-scale", "nan"], "--lambda-scale", marks=NAN_NOT_REFUSED),
+    pytest.param(["--shortcut-strength", "nan"], "--shortcut-strength", marks=NAN_NOT_REFUSED),
+]
+
+
+@pytest.mark.parametrize("argv, flag", BAD_FLAGS)
+def test_parse_args_refuses_bad_values_with_one_line_naming_the_flag(argv, flag, capsys):
+    with pytest.raises(SystemExit) as e:
+        demo.parse_args(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("demo.py: error: ") and flag in last, err
+    assert "Traceback" not in err
+
+
+# ----------------------------------------------------------------------------------------------
+# config-keyed folders
+
+
+KEY = {"lr": 0.001, "seed": 0, "methods": ("lora", "fairllava"), "nested": {"dims": (2, 3)}}
+
+
+def make(folder, key):
+    """What a unit of work does when unit() says False: fill the folder, then stamp it."""
+    folder.mkdir(parents=True)
+    (folder / "model.bin").write_text("weights")
+    demo.done(folder, key)
+
+
+def test_new_folder_is_made_then_reused(tmp_path):
+    folder = tmp_path / "run"
+    assert demo.unit(folder, KEY, overwrite=False) is False
+    make(folder, KEY)
+    assert demo.unit(folder, KEY, overwrite=False) is True
+    assert demo.unit(folder, dict(KEY), overwrite=True) is True  # same settings: reused even with --overwrite
+    assert (folder / "model.bin").read_text() == "weights"
+
+
+def test_tuples_compare_equal_to_their_json_lists(tmp_path):
+    folder = tmp_path / "run"
+    make(folder, KEY)
+    assert json.loads((folder / "demo_key.json").read_text())["methods"] == ["lora", "fairllava"]
+    as_lists = {**KEY, "methods": ["lora", "fairllava"], "nested": {"dims": [2, 3]}}
+    assert demo.unit(folder, as_lists, overwrite=False) is True
+    assert demo.unit(folder, KEY, overwrite=False) is True
+
+
+def test_other_settings_are_refused_naming_the_fields(tmp_path):
+    folder = tmp_path / "run"
+    make(folder, KEY)
+    other = {**KEY, "lr": 0.002, "methods": ("lora",), "extra": 1}
+    del other["seed"]
+    with pytest.raises(DemoError, match=r"\(extra, lr, methods, seed differ\).*--overwrite") as e:
+        demo.unit(folder, other, overwrite=False)
+    assert str(folder) in str(e.value)
+    assert isinstance(e.value, ValueError)  # demo.main's handler prints it as one line
+    assert (folder / "model.bin").read_text() == "weights"  # refused: nothing touched
+    assert demo.unit(folder, KEY, overwrite=False) is True
+
+
+def test_overwrite_removes_a_folder_made_with_other_settings(tmp_path):
+    folder = tmp_path / "run"
+    make(folder, KEY)
+    assert demo.unit(folder, {**KEY, "lr": 0.002}, overwrite=True) is False
+    assert not folder.exists()
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_unfinished_folder_is_removed(tmp_path, overwrite):
+    folder = tmp_path / "run"
+    folder.mkdir()
+    (folder / "half_written.bin").write_text("x")  # a run killed before done()
+    assert demo.unit(folder, KEY, overwrite=overwrite) is False
+    assert not folder.exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# the methods
+
+
+def effective(cfg, method, tmp_path=Path("/nonexistent")):
+    """The stage-2 TrainConfig the demo trains `method` with."""
+    paths = {"base": tmp_path / "base", "data": tmp_path / "data", "stage1": tmp_path / "stage1"}
+    return demo.train_config(cfg, paths, 0, 2, tmp_path / "out", **demo.method_settings(cfg, method))
+
+
+def test_paper_protocol_uses_the_official_lambdas_times_the_scale_and_raw_h():
+    official = TrainConfig().lambdas
+    cfg = DemoConfig(lambda_scale=0.5, dac_lr=3e-4)
+    t = effective(cfg, "fairllava")
+    assert t.method == "fairllava"
+    assert t.lambdas == {a: v * 0.5 for a, v in official.items()}
+    assert t.h_norm == "none" and t.dac_lr == 3e-4
+    assert t.dac_steps == TrainConfig().dac_steps and t.dac_memory == TrainConfig().dac_memory  # the paper's step
+    assert effective(DemoConfig(), "fairllava").lambdas == official  # default scale 1
+
+
+def test_batch_variant_uses_its_own_settings():
+    official, cfg = TrainConfig().lambdas, DemoConfig()
+    t = effective(cfg, "fairllava_batch")
+    assert t.method == "fairllava" and t.h_norm == "batch"
+    assert (t.dac_lr, t.dac_steps) == (cfg.variant_dac_lr, cfg.variant_dac_steps)
+    assert t.dac_memory == getattr(cfg, "variant_dac_memory", TrainConfig().dac_memory)
+    assert t.lambdas == pytest.approx({a: v * cfg.variant_lambda_scale for a, v in official.items()})
+    # --lambda-scale is the paper protocol's; the variant has its own
+    assert effective(DemoConfig(lambda_scale=3.0), "fairllava_batch").lambdas == t.lambdas
+    assert effective(DemoConfig(variant_lambda_scale=0.0), "fairllava_batch").lambdas == dict.fromkeys(official, 0.0)
+
+
+@pytest.mark.parametrize("method", ["lora", "resample", "reweight"])
+def test_baselines_are_plain(method):
+    assert demo.method_settings(DemoConfig(lambda_scale=7.0), method) == {"method": method}
+    t = effective(DemoConfig(), method)
+    assert t.method == method and t.h_norm == TrainConfig().h_norm
+
+
+def test_every_method_has_a_label_and_the_defaults_are_valid():
+    assert set(DemoConfig().methods) <= set(demo.LABELS)
+    for m in demo.LABELS:
+        assert effective(DemoConfig(), m).method in ("lora", "resample", "reweight", "fairllava")
+
+
+# ----------------------------------------------------------------------------------------------
+# statistics over seeds
+
+
+def test_mean_ci_of_one_value_has_no_interval():
+    mu, half = demo.mean_ci([3.5])
+    assert mu == 3.5 and math.isnan(half)
+
+
+def test_mean_ci_is_a_t_interval():
+    mu, half = demo.mean_ci([1.0, 2.0, 3.0])  # sample sd 1, t(0.975, 2 df) = 4.30
+    assert mu == 2.0 and half == pytest.approx(4.30 / math.sqrt(3))
+    mu, half = demo.mean_ci([1.0, 3.0])  # sd sqrt(2), t = 12.71
+    assert mu == 2.0 and half == pytest.approx(12.71 * math.sqrt(2) / math.sqrt(2))
+    assert demo.mean_ci(np.full(4, 7.0)) == (7.0, 0.0)
+
+
+# ----------------------------------------------------------------------------------------------
+# the line charts
+
+
+def test_draw_lines_writes_a_png_with_every_series(tmp_path):
+    nan = float("nan")
+    panels = [("probe", {"LoRA": [(0, 0.5), (25, nan), (50, 0.7)], "FairLLaVA": [(25, 0.4)]}),  # NaN point, one point
+              ("flat", {"LoRA": [(0, 1.0), (50, 1.0)], "FairLLaVA": [(25, nan)]})]  # constant; a NaN-only series
+    path = tmp_path / "curves.png"
+    demo.draw_lines(panels, path, "title", "step")
+    img = Image.open(path)
+    assert img.format == "PNG" and img.size == (3 * 420, 70 + 300)  # 3 panels per row, one row
+    # below the legend, in the first panel: both series are drawn in their colours
+    first = np.asarray(img.convert("RGB"))[100:, :420].reshape(-1, 3)
+    colours = {tuple(c) for c in first}
+    assert evaluate.COLORS[0] in colours and evaluate.COLORS[1] in colours
+
+
+def test_draw_lines_grows_a_row_per_three_panels_and_skips_empty_panels(tmp_path):
+    panels = [(f"p{i}", {"a": [(0, float(i)), (1, i + 1.0)]}) for i in range(4)] + [("empty", {"a": []})]
+    demo.draw_lines(panels, tmp_path / "grid.png", "title", "step")
+    assert Image.open(tmp_path / "grid.png").size == (3 * 420, 70 + 2 * 300)
+
+
+# ----------------------------------------------------------------------------------------------
+# the report
+
+
+HEADLINE = {"BLEU4": "BLEU-4", "F1": "CheXpert-F1 (micro)", "FindF1": "Finding-F1 (shortcut findings)"}
+
+
+def fake_results(gap, score=60.0, probe=40.0):
+    """The parts of one run's evaluation (evaluate.score + probe, error rates, swap) the report reads."""
+    report = lambda: {"m_all": score, "gap": gap, "es": score / (1 + gap / 100),
+                      "ci": {"m_all": [score - 1, score + 1], "gap": [gap - 1, gap + 1], "es": [50.0, 60.0]},
+                      "groups": {"white": {"score": score + gap, "n": 600, "small": False, "ci": [55.0, 70.0]},
+                                 "black": {"score": score, "n": 600, "small": False, "ci": [50.0, 65.0]}}}
+    rates = {"fnr": 0.25, "fpr": 0.1, "n_pos": 8, "n_neg": 10}
+    return {"headline": dict(HEADLINE), "overall": {n: {"score": score, "ci": [score - 2, score + 2]}
+                                                    for n in HEADLINE.values()},
+            "fairness": {"race": {n: report() for n in HEADLINE.values()}},
+            "probe": {"race": {"accuracy": probe}},
+            "error_rates": {g: dict.fromkeys(("cardiomegaly", "effusion", "opacity", "devices"), rates)
+                            for g in ("black", "white")},
+            "swap": {"white->black": {"lost": 0.5, "gained": 0.25, "changed": 0.125, "n_cases": 4}}}
+
+
+def test_write_report_tables_summary_and_curves(tmp_path, capsys):
+    gaps = {(0, "lora"): 10.0, (1, "lora"): 12.0, (0, "fairllava"): 4.0, (1, "fairllava"): 8.0}
+    results = {k: fake_results(g) for k, g in gaps.items()}
+    for m in ("lora", "fairllava"):  # the mechanism, as train.py's monitor logs it
+        (tmp_path / "seed0" / m).mkdir(parents=True)
+        (tmp_path / "seed0" / m / "monitor.jsonl").write_text("\n".join(json.dumps(
+            {"step": s, "probe/race": 0.5, "dac_acc/race": 0.4, "club/race": 0.1, "h_rms": 1.0}) for s in (0, 25)))
+    demo.write_report(DemoConfig(seeds=(0, 1)), tmp_path, results, ["lora", "fairllava", "reweight"])
+    md = (tmp_path / "results.md").read_text()
+    assert "| metric | LoRA (LLaVA-Rad baseline) | FairLLaVA (paper protocol) |" in md  # reweight: no results
+    lo, hi = demo.mean_ci([10.0, 12.0]), demo.mean_ci([4.0, 8.0])
+    assert f"| Δ-FindF1(R) | {lo[0]:.2f} ± {lo[1]:.2f} | {hi[0]:.2f} ± {hi[1]:.2f} |" in md
+    d = demo.mean_ci([4.0 - 10.0, 8.0 - 12.0])  # paired: per-seed differences
+    assert f"| FairLLaVA (paper protocol) | Δ-FindF1(R) | {d[0]:+.2f} ± {d[1]:.2f} | -6.00 -4.00 |" in md
+    assert "| 0 | black | 0.25 / 0.10 |" in md and "| LoRA (LLaVA-Rad baseline) | 1 | white->black | 0.500 |" in md
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["seeds"] == [0, 1] and set(summary["runs"]) == {"lora", "fairllava"}
+    assert summary["runs"]["fairllava"]["1"]["fairness"]["race"]["Finding-F1 (shortcut findings)"]["gap"] == 8.0
+    assert summary["config"]["seeds"] == [0, 1]
+    assert Image.open(tmp_path / "curves.png").format == "PNG"
+    assert "results.md" in capsys.readouterr().out
