@@ -1,33 +1,43 @@
-"""The built-in demo: the whole FairLLaVA story on the synthetic chest X-ray benchmark, on a CPU.
+"""The built-in demo: FairLLaVA on a synthetic chest X-ray benchmark with a real shortcut, on a CPU.
 
-    python train.py --demo                    # one seed, ~10 minutes on 2 CPU cores
-    python train.py --demo --seeds 0 1 2      # the README's result, with confidence intervals
+    python3 demo.py                       # one seed, three methods, ~7 minutes on 2 CPU cores
+    python3 demo.py --seeds 0 1 2         # with 95% intervals over seeds and paired differences
+    python3 demo.py --study               # the README's study: seeds, lambda = 0, dose-response, controls
+    python3 demo.py --lr 1e-3 --dir runs/slow   # any setting below can be changed from the command line
 
-Steps (everything goes through the same code and file formats as a real run):
-1. data.make_synthetic writes train/val/test JSON + PNGs + a BPE tokenizer.json (data.py says what
-   demographic shortcut is planted and how the test split breaks it).
-2. Stand-ins for the public base models, made once and reused by every seed:
-   - "Vicuna": a tiny Llama pre-trained on the training conversations (text only), saved in the
-     HF layout (config.json + model.safetensors) and loaded back by model.load_llama;
-   - "BiomedCLIP": a tiny ViT pre-trained to recognise the findings in the training images, saved
-     as an open_clip checkpoint (visual.trunk.*) and loaded back by model.load_vision_tower.
-   Real base models are pre-trained on far more data; these only have to be good enough that the
-   two methods can be compared from the same starting point.
-3. Per seed: stage 1 (projector), then stage 2 from that projector twice — plain LoRA (the
-   LLaVA-Rad baseline) and FairLLaVA (DAC + DIM, paper defaults) — then evaluate.py on the test
-   split: BLEU-1/4, clinical F1, per-attribute gaps and ES-M, and a fresh probe's accuracy at
-   predicting each attribute from the pooled hidden state h (how much the representation leaks).
-4. The table of both methods side by side; with several seeds, means and 95% intervals over seeds.
+What it does, through the same code and file formats as a real run:
+1. synthetic.make_synthetic writes the benchmark (synthetic.py: black patients are under-diagnosed
+   in training; the held-out splits are decorrelated).
+2. Stand-ins for the public base models, pre-trained on the decorrelated "pretrain" split, so no
+   shortcut hides in them: a tiny Llama on the report text ("Vicuna", HF layout) and a tiny ViT
+   on the findings and the demographics ("BiomedCLIP", open_clip layout with open_clip_config.json).
+3. Per seed: stage 1 (projector), then stage 2 from that projector once per method:
+     lora             plain LoRA (the LLaVA-Rad baseline)
+     fairllava        FairLLaVA, the paper's protocol: h raw, one AdamW step of phi per batch
+     fairllava_batch  FairLLaVA with h standardised over the batch for phi and DIM (scale-blind),
+                      phi fitted 5 times per batch at lr 1e-2 on the batch and the last 512 h,
+                      lambdas x 0.1: settings chosen on the val split (README, "How the variant
+                      was chosen")
+   Each logs the mechanism on the val split (monitor.jsonl: a fresh probe, phi's accuracy, CLUB,
+   the spread of h) and is evaluated on the test split: BLEU, CheXpert-F1 and the benchmark's
+   Finding-F1 per group with gaps, ES-M and bootstrap intervals, per-group error rates, the
+   trace-swap flip rate, and a fresh probe's accuracy at reading each attribute from h.
+4. results.md (the tables), curves.png (the mechanism), summary.json (every number) in --dir.
 
-The demo's hyper-parameters differ from the 7B recipe where a 1M-parameter model needs it (higher
-learning rates, smaller LoRA rank); they are fixed here, chosen before looking at the test split.
+Every unit of work (data, base models, stage 1, each run, each evaluation) records the settings
+it was made with; a folder is reused only when they equal the requested ones, refused otherwise
+(--overwrite redoes it). Two worker processes train side by side (--workers), one thread each.
 """
 
+import argparse
 import json
 import math
 import shutil
+import sys
 import time
-from dataclasses import replace
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field, fields
+from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
@@ -36,26 +46,127 @@ import torch.nn.functional as F
 
 import data
 import evaluate
+import synthetic
 from data import conversation_prompt, load_tokenizer
+from metrics import markdown_table
 from model import Llama, LlamaConfig, VisionConfig, VisionTransformer, save_llama
-from train import cosine_lr, train
+from train import TrainConfig, cosine_lr, train
 
 # The stand-in base models (fixed: they play the role of downloaded weights).
 LLM = dict(hidden_size=128, intermediate_size=344, num_hidden_layers=4, num_attention_heads=4,
            num_key_value_heads=4, max_position_embeddings=512)
 VIT = VisionConfig(image_size=64, patch_size=16, width=64, depth=4, num_heads=2, mlp_dim=128)
-DEMO_TRAIN = dict(stage1=dict(epochs=2, lr=2e-3), stage2=dict(epochs=3, lr=1e-3, dac_lr=1e-3),
-                  lora=dict(lora_r=8, lora_alpha=16.0, lora_dropout=0.05),
-                  batch_size=16, grad_accum=1, num_workers=0, max_length=256, dtype="fp32",
-                  grad_checkpointing=False, save_every=10 ** 9, log_every=10)
+LABELS = {"lora": "LoRA (LLaVA-Rad baseline)", "fairllava": "FairLLaVA (paper protocol)",
+          "fairllava_batch": "FairLLaVA (batch-standardised h)", "resample": "Resampling", "reweight": "Reweighting"}
 
 
-def pretrain_llm(data_dir, out_dir, steps=300, batch=32, seed=1234, split="train"):
-    """Next-token pre-training of the tiny Llama on the training conversations, without images."""
+class DemoError(ValueError):
+    pass
+
+
+@dataclass
+class DemoConfig:
+    dir: str = field(default="runs/demo", metadata=dict(help="where data, models and results go"))
+    seeds: tuple = field(default=(0,), metadata=dict(help="seeds to run (intervals need 2 or more)"))
+    methods: tuple = field(default=("lora", "fairllava", "fairllava_batch"),
+                           metadata=dict(help=f"methods to compare: {', '.join(LABELS)}"))
+    workers: int = field(default=2, metadata=dict(help="training processes side by side (one thread each)"))
+    overwrite: bool = field(default=False, metadata=dict(help="redo a folder whose recorded settings differ"))
+    # the benchmark
+    shortcut_strength: float = field(default=1.0, metadata=dict(help="0: no shortcut; 1: black 0.08 vs 0.40"))
+    n_test: int = field(default=2400, metadata=dict(help="test cases (600 per race group)"))
+    data_seed: int = field(default=0, metadata=dict(help="seed of the synthetic data"))
+    # training: the 7B recipe at the scale of a 1M-parameter model (higher rates, smaller rank)
+    stage1_lr: float = field(default=5e-3, metadata=dict(help="stage 1 learning rate"))
+    stage1_epochs: float = field(default=3.0, metadata=dict(help="stage 1 epochs"))
+    lr: float = field(default=3e-3, metadata=dict(help="stage 2 learning rate (LoRA + projector)"))
+    epochs: float = field(default=3.0, metadata=dict(help="stage 2 epochs"))
+    batch_size: int = field(default=16, metadata=dict(help="samples per step"))
+    lora_r: int = field(default=16, metadata=dict(help="LoRA rank (alpha = 2 r)"))
+    dac_lr: float = field(default=1e-3, metadata=dict(help="phi's learning rate, paper protocol"))
+    lambda_scale: float = field(default=1.0, metadata=dict(help="paper protocol: lambdas x this"))
+    variant_dac_lr: float = field(default=1e-2, metadata=dict(help="fairllava_batch: phi's learning rate"))
+    variant_dac_steps: int = field(default=5, metadata=dict(help="fairllava_batch: phi steps per batch"))
+    variant_dac_memory: int = field(default=512, metadata=dict(help="fairllava_batch: earlier h phi also fits"))
+    variant_lambda_scale: float = field(default=0.1, metadata=dict(help="fairllava_batch: lambdas x this"))
+    study: bool = field(default=False, metadata=dict(help="run the whole study (about 40 minutes)"))
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="demo.py", description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for f in fields(DemoConfig):
+        flag = "--" + f.name.replace("_", "-")
+        if isinstance(f.default, bool):
+            p.add_argument(flag, action="store_true", help=f.metadata["help"])
+        elif isinstance(f.default, tuple):
+            p.add_argument(flag, nargs="+", type=type(f.default[0]), default=list(f.default), help=f.metadata["help"])
+        else:
+            p.add_argument(flag, type=type(f.default), default=f.default, help=f.metadata["help"])
+    a = p.parse_args(argv)
+    cfg = DemoConfig(**{f.name: tuple(getattr(a, f.name)) if isinstance(f.default, tuple) else getattr(a, f.name)
+                        for f in fields(DemoConfig)})
+    bad = [m for m in cfg.methods if m not in LABELS]
+    if bad:
+        p.error(f"--methods: unknown {bad}; choose from {list(LABELS)}")
+    flag = lambda name: "--" + name.replace("_", "-")
+    for name in ("workers", "batch_size", "lora_r", "variant_dac_steps"):
+        if getattr(cfg, name) < 1:
+            p.error(f"{flag(name)} must be >= 1, got {getattr(cfg, name)}")
+    if cfg.n_test < 240:  # 4 race groups of >= 30 reports (smaller groups are left out of the gap)
+        p.error(f"--n-test must be >= 240 (4 race groups of at least 30 reports each), got {cfg.n_test}")
+    if cfg.variant_dac_memory < 0:
+        p.error(f"--variant-dac-memory must be >= 0, got {cfg.variant_dac_memory}")
+    for name in ("stage1_lr", "stage1_epochs", "lr", "epochs", "dac_lr", "variant_dac_lr"):
+        if not (getattr(cfg, name) > 0 and math.isfinite(getattr(cfg, name))):
+            p.error(f"{flag(name)} must be a finite number > 0, got {getattr(cfg, name)}")
+    for name in ("shortcut_strength", "lambda_scale", "variant_lambda_scale"):
+        if not (getattr(cfg, name) >= 0 and math.isfinite(getattr(cfg, name))):
+            p.error(f"{flag(name)} must be a finite number >= 0, got {getattr(cfg, name)}")
+    return cfg
+
+
+def say(msg):
+    print(f"[demo {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# config-keyed folders: reuse what was made with the same settings, refuse what was not
+
+
+def unit(folder, key, overwrite):
+    """True when `folder` is complete and was made with `key` (a JSON-able dict): reuse it. A
+    folder made with other settings is refused (DemoError naming the fields), or removed with
+    --overwrite; an unfinished one is removed. False: the caller makes it, then calls done()."""
+    folder = Path(folder)
+    stamp = folder / "demo_key.json"
+    if stamp.is_file():
+        old = json.loads(stamp.read_text())
+        key = json.loads(json.dumps(key))  # tuples -> lists, as they were stored
+        if old == key:
+            return True
+        diff = sorted(k for k in set(old) | set(key) if old.get(k) != key.get(k))
+        if not overwrite:
+            raise DemoError(f"{folder} was made with other settings ({', '.join(diff)} differ); "
+                            f"use another --dir, or --overwrite to redo it")
+    if folder.exists():
+        shutil.rmtree(folder)
+    return False
+
+
+def done(folder, key):
+    (Path(folder) / "demo_key.json").write_text(json.dumps(key, indent=1))
+
+
+# ----------------------------------------------------------------------------------------------
+# the stand-in base models
+
+
+def pretrain_llm(data_dir, out_dir, steps=300, batch=32, seed=1234):
+    """Next-token pre-training of the tiny Llama on the pretrain split's conversations, no images."""
     tok = load_tokenizer(data_dir / "tokenizer.json")
-    recs = data.read_llava_json(data_dir / f"{split}.json", check_images=False)
-    texts = [conversation_prompt(r["question"].replace("<image>\n", ""), r["answer"]) for r in recs]
-    seqs = [tok.encode(t).ids for t in texts]
+    recs = data.read_llava_json(data_dir / "pretrain.json", check_images=False)
+    seqs = [tok.encode(conversation_prompt(r["question"].replace("<image>\n", ""), r["answer"])).ids for r in recs]
     torch.manual_seed(seed)
     cfg = LlamaConfig(vocab_size=tok.get_vocab_size(), **LLM)
     model = Llama(cfg)
@@ -76,147 +187,404 @@ def pretrain_llm(data_dir, out_dir, steps=300, batch=32, seed=1234, split="train
         opt.zero_grad()
         loss.backward()
         opt.step()
+        if (step + 1) % 100 == 0:
+            say(f"base LLM: step {step + 1}/{steps}, LM loss {loss.item():.3f}")
     save_llama(model, out_dir)
     shutil.copy(data_dir / "tokenizer.json", out_dir / "tokenizer.json")
-    return loss.item()
 
 
-def pretrain_vit(data_dir, out_dir, steps=400, batch=64, seed=1234, split="train", demographics=True):
-    """Multi-label finding recognition: the tiny ViT learns to see what the reports talk about.
-    With `demographics`, it also learns to tell race, age group and sex, as real towers do without
-    being asked (Gichoya et al.); the split is decorrelated, so no finding-race link is learnt."""
-    items = json.loads((data_dir / f"{split}.json").read_text())
-    names = sorted(items[0]["findings_labels"])
+def pretrain_vit(data_dir, out_dir, steps=800, batch=64, seed=1234):
+    """The tiny ViT learns the findings and, as real towers do without being asked (Gichoya et
+    al.), race, age group and sex. The pretrain split is decorrelated: no finding-race link to learn."""
+    items = json.loads((data_dir / "pretrain.json").read_text())
+    recs = data.read_llava_json(data_dir / "pretrain.json")
     proc = data.ImageProcessor(VIT.image_size, VIT.mean, VIT.std)
-    x = torch.stack([proc(data.load_image(data_dir / it["image"], it["id"])) for it in items])
-    y = torch.tensor([[float(it["findings_labels"][k]) for k in names] for it in items])
-    recs = data.read_llava_json(data_dir / f"{split}.json", check_images=False)
-    demo_y = {a: torch.tensor([r["attrs"][a] for r in recs]) for a in ("race", "age", "gender")}
+    x = torch.stack([proc(data.load_image(r["image"], r["id"])) for r in recs])
+    y = torch.tensor([[float(it["findings_labels"][k]) for k in synthetic.FINDINGS] for it in items])
+    targets = {a: torch.tensor([r["attrs"][a] for r in recs]) for a in ("race", "age", "gender")}
     torch.manual_seed(seed)
     vit = VisionTransformer(VIT)
-    head = torch.nn.Linear(VIT.width, len(names))
-    dheads = torch.nn.ModuleDict({a: torch.nn.Linear(VIT.width, data.ATTRIBUTES[a].num_classes) for a in demo_y})
-    opt = torch.optim.AdamW(list(vit.parameters()) + list(head.parameters()) + list(dheads.parameters()),
-                            lr=2e-3, weight_decay=0.01)
+    heads = torch.nn.ModuleDict({"findings": torch.nn.Linear(VIT.width, len(synthetic.FINDINGS)),
+                                 **{a: torch.nn.Linear(VIT.width, data.ATTRIBUTES[a].num_classes) for a in targets}})
+    opt = torch.optim.AdamW(list(vit.parameters()) + list(heads.parameters()), lr=2e-3, weight_decay=0.01)
     g = torch.Generator().manual_seed(seed)
     for step in range(steps):
         idx = torch.randint(len(x), (batch,), generator=g)
         feats = vit.norm(vit(x[idx], select_layer=-1).mean(1))  # (B, width)
-        loss = F.binary_cross_entropy_with_logits(head(feats), y[idx])
-        if demographics:
-            loss = loss + sum(F.cross_entropy(dheads[a](feats), demo_y[a][idx]) for a in demo_y) / 3
+        loss = F.binary_cross_entropy_with_logits(heads["findings"](feats), y[idx])
+        loss = loss + sum(F.cross_entropy(heads[a](feats), t[idx]) for a, t in targets.items()) / len(targets)
         for grp in opt.param_groups:
             grp["lr"] = 2e-3 * cosine_lr(step, steps, 0)
         opt.zero_grad()
         loss.backward()
         opt.step()
+        if (step + 1) % 200 == 0:
+            say(f"base ViT: step {step + 1}/{steps}, loss {loss.item():.3f}")
     out_dir.mkdir(parents=True, exist_ok=True)
-    sd = {f"visual.trunk.{k}": v.detach().clone() for k, v in vit.state_dict().items()}
-    torch.save(sd, out_dir / "open_clip_pytorch_model.bin")  # the open_clip layout
-    return loss.item()
+    torch.save({f"visual.trunk.{k}": v.detach().clone() for k, v in vit.state_dict().items()},
+               out_dir / "open_clip_pytorch_model.bin")  # the open_clip layout, with its config beside it
+    (out_dir / "open_clip_config.json").write_text(json.dumps(
+        {"model_cfg": {"vision_cfg": {"image_size": VIT.image_size, "patch_size": VIT.patch_size, "width": VIT.width,
+                                      "layers": VIT.depth, "heads": VIT.num_heads}}}, indent=1))
 
 
-def prepare(root):
-    data_dir, base = root / "data", root / "base"
-    if not (data_dir / "tokenizer.json").is_file():
-        t = time.time()
-        data.make_synthetic(data_dir)
-        print(f"[demo] synthetic benchmark written to {data_dir} ({time.time() - t:.0f}s)")
-    if not (base / "llm" / "model.safetensors").is_file():
-        t = time.time()
-        loss = pretrain_llm(data_dir, base / "llm")
-        print(f"[demo] tiny Llama pre-trained on the report text: final LM loss {loss:.3f} ({time.time() - t:.0f}s)")
-    if not (base / "vision" / "open_clip_pytorch_model.bin").is_file():
-        t = time.time()
-        loss = pretrain_vit(data_dir, base / "vision")
-        print(f"[demo] tiny ViT pre-trained on finding labels: final BCE {loss:.3f} ({time.time() - t:.0f}s)")
-    return data_dir, base
+# ----------------------------------------------------------------------------------------------
+# one run: stage 2 + evaluation (a worker process each)
 
 
-# Demo method names -> train.py settings. "fairllava" is the paper's Algorithm 1 (one AdamW step
-# on phi per batch); "fairllava_lbfgs" refits phi to each batch (phi at its best response).
-VARIANTS = {"lora": dict(method="lora"), "resample": dict(method="resample"), "reweight": dict(method="reweight"),
-            "fairllava": dict(method="fairllava"), "fairllava_lbfgs": dict(method="fairllava", dac_optimizer="lbfgs")}
-LABELS = {"lora": "LoRA (LLaVA-Rad baseline)", "resample": "Resampling", "reweight": "Reweighting",
-          "fairllava": "FairLLaVA", "fairllava_lbfgs": "FairLLaVA, phi refit (LBFGS)"}
+def method_settings(cfg, method):
+    """TrainConfig fields of a demo method."""
+    lam = FAIR_LAMBDAS
+    if method == "fairllava":
+        return dict(method="fairllava", dac_lr=cfg.dac_lr, lambdas={a: v * cfg.lambda_scale for a, v in lam.items()})
+    if method == "fairllava_batch":
+        return dict(method="fairllava", h_norm="batch", dac_lr=cfg.variant_dac_lr, dac_steps=cfg.variant_dac_steps,
+                    dac_memory=cfg.variant_dac_memory, lambdas={a: v * cfg.variant_lambda_scale for a, v in lam.items()})
+    return dict(method=method)
 
 
-def run_seed(cfg, data_dir, base, root, seed, methods):
-    common = dict(llm=str(base / "llm"), vision=str(base / "vision"), vision_heads=VIT.num_heads,
-                  tokenizer=str(base / "llm"), train_json=str(data_dir / "train.json"), dataset="mimic",
-                  seed=seed, **{k: v for k, v in DEMO_TRAIN.items() if k not in ("stage1", "stage2", "lora")},
-                  **DEMO_TRAIN["lora"])
-    s1 = root / f"seed{seed}" / "stage1"
-    if not (s1 / "mm_projector.bin").is_file():
-        train(replace(cfg, stage=1, method="lora", out=str(s1), **common, **DEMO_TRAIN["stage1"]), quiet=True)
-    results = {}
-    for method in methods:
-        out = root / f"seed{seed}" / method
-        if not (out / "adapter" / "adapter_config.json").is_file():
-            t = time.time()
-            train(replace(cfg, stage=2, out=str(out), projector=str(s1 / "mm_projector.bin"),
-                          **VARIANTS[method], **common, **DEMO_TRAIN["stage2"]), quiet=True)
-            print(f"[demo] seed {seed}: stage 2 {method} trained ({time.time() - t:.0f}s)")
-        results[method] = evaluate_run(base, data_dir, out, seed)
-    return results
+FAIR_LAMBDAS = TrainConfig().lambdas  # the official 0.2 / 0.6 / 0.1
 
 
-def evaluate_run(base, data_dir, out, seed):
-    if (out / "eval" / "results.json").is_file():
-        return json.loads((out / "eval" / "results.json").read_text())
+def train_config(cfg, paths, seed, stage, out, **kw):
+    base = dict(llm=str(paths["base"] / "llm"), vision=str(paths["base"] / "vision"),
+                tokenizer=str(paths["base"] / "llm"), train_json=str(paths["data"] / "train.json"), dataset="mimic",
+                seed=seed, batch_size=cfg.batch_size, grad_accum=1, num_workers=0, max_length=256, dtype="fp32",
+                grad_checkpointing=False, save_every=10 ** 9, log_every=25, lora_r=cfg.lora_r,
+                lora_alpha=2.0 * cfg.lora_r, lora_dropout=0.05, stage=stage, out=str(out))
+    if stage == 1:
+        base.update(method="lora", lr=cfg.stage1_lr, epochs=cfg.stage1_epochs)
+    else:
+        base.update(lr=cfg.lr, epochs=cfg.epochs, projector=str(Path(paths["stage1"]) / "mm_projector.bin"),
+                    monitor_json=str(paths["data"] / "val.json"), monitor_every=25, monitor_n=400)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def _progress(name):
+    t0 = time.time()
+    return lambda step, total, rec: say(f"{name}: step {step}/{total}, LM loss {rec.get('lm_loss', rec['loss']):.3f} "
+                                        f"({time.time() - t0:.0f}s)")
+
+
+def run_unit(tcfg, name, overwrite):
+    """Train one stage (in a worker): skipped when the folder holds a finished run of the same settings."""
+    torch.set_num_threads(1)  # tiny tensors: one thread each, two processes side by side
+    out = Path(tcfg.out)
+    key = asdict(tcfg)
+    if unit(out, key, overwrite):
+        say(f"{name}: reused {out}")
+        return
     t = time.time()
-    model = evaluate.load_model(str(base / "llm"), str(base / "vision"), str(out / "mm_projector.bin"),
-                                str(out / "adapter"), vision_heads=VIT.num_heads)
+    train(tcfg, quiet=True, progress=_progress(name))
+    done(out, key)
+    say(f"{name}: trained in {time.time() - t:.0f}s")
+
+
+def evaluate_unit(tcfg, paths, name, overwrite):
+    """Evaluate one trained run on the test and swap splits (in a worker) -> results dict."""
+    torch.set_num_threads(1)
+    run = Path(tcfg.out)
+    out = run / "eval"
+    key = {"run": asdict(tcfg), "test": str(paths["data"] / "test.json"), "max_new_tokens": 96, "n_resamples": 200}
+    if unit(out, key, overwrite):
+        return json.loads((out / "results.json").read_text())
+    t = time.time()
+    base = paths["base"]
+    model = evaluate.load_model(str(base / "llm"), str(base / "vision"), str(run / "mm_projector.bin"),
+                                str(run / "adapter"))
     tok = load_tokenizer(base / "llm")
     proc = data.ImageProcessor(VIT.image_size, VIT.mean, VIT.std)
-    test = data.read_llava_json(data_dir / "test.json")
-    train_recs = data.read_llava_json(data_dir / "train.json")
-    preds = evaluate.generate_predictions(model, tok, test, proc, out / "eval" / "predictions.jsonl",
-                                          batch_size=64, max_new_tokens=128)
-    res = evaluate.score(preds, test, seed=seed)
-    res["probe"] = evaluate.attribute_probe(model, tok, proc, train_recs, test)
-    evaluate.write_outputs(res, out / "eval", title=out.name)
-    print(f"[demo] seed {seed}: {out.name} evaluated ({time.time() - t:.0f}s)")
+    splits = {s: (data.read_llava_json(paths["data"] / f"{s}.json"), json.loads((paths["data"] / f"{s}.json").read_text()))
+              for s in ("test", "swap")}
+    preds = {s: evaluate.generate_predictions(model, tok, recs, proc, out / f"predictions_{s}.jsonl", batch_size=64,
+                                              max_new_tokens=96, desc=f"{name} {s}", quiet=True)
+             for s, (recs, _) in splits.items()}
+    res = evaluate.score(preds["test"], splits["test"][0], seed=tcfg.seed, extra_metrics={"FindF1": synthetic.FINDING_F1})
+    train_recs = data.read_llava_json(paths["data"] / "train.json")
+    res["probe"] = evaluate.attribute_probe(model, tok, proc, train_recs, splits["test"][0], layer=tcfg.layer,
+                                            tokens=tcfg.tokens)
+    res["error_rates"] = synthetic.error_rates(preds["test"], splits["test"][1])
+    res["swap"] = synthetic.swap_flips(preds["test"], preds["swap"], splits["swap"][1])
+    evaluate.write_outputs(res, out, title=name)
+    done(out, key)
+    say(f"{name}: evaluated in {time.time() - t:.0f}s")
     return res
 
 
-def run(args, cfg):
-    t0 = time.time()
-    # The demo's tensors are tiny: one thread beat two here (a training step 4-7x faster on a busy
-    # 2-core machine), since two threads mostly wait on each other.
+def stage2_and_eval(tcfg, paths, name, overwrite):
+    run_unit(tcfg, name, overwrite)
+    return evaluate_unit(tcfg, paths, name, overwrite)
+
+
+# ----------------------------------------------------------------------------------------------
+# the pipeline
+
+
+def prepare(cfg, root, pool, strength=None, uniform_train=False, name="data"):
+    """The benchmark (one folder per shortcut setting) and the base models (shared: they depend
+    on the pretrain split only, which no shortcut setting changes)."""
+    scfg = synthetic.SyntheticConfig(n_test=cfg.n_test, seed=cfg.data_seed, uniform_train=uniform_train,
+                                     shortcut_strength=cfg.shortcut_strength if strength is None else strength)
+    data_dir = root / name
+    if not unit(data_dir, asdict(scfg), cfg.overwrite):
+        t = time.time()
+        synthetic.make_synthetic(data_dir, scfg)
+        done(data_dir, asdict(scfg))
+        say(f"benchmark written to {data_dir} ({time.time() - t:.0f}s)")
+    base = root / "base"
+    pre = {k: v for k, v in asdict(scfg).items() if k not in ("n_train", "n_val", "n_test", "n_swap",
+                                                              "shortcut_strength", "uniform_train")}
+    if pool is not None and not unit(base, pre, cfg.overwrite):
+        t = time.time()
+        jobs = [pool.submit(_pretrain, fn, data_dir, base / sub) for fn, sub in (("llm", "llm"), ("vit", "vision"))]
+        [j.result() for j in jobs]
+        done(base, pre)
+        say(f"stand-in base models pre-trained ({time.time() - t:.0f}s)")
+    return {"data": data_dir, "base": base}
+
+
+def _pretrain(which, data_dir, out):
     torch.set_num_threads(1)
-    root = Path(args.demo_dir)
-    data_dir, base = prepare(root)
-    methods = tuple(args.demo_methods)
-    unknown = [m for m in methods if m not in VARIANTS]
-    if unknown:
-        raise SystemExit(f"--demo-methods: unknown {unknown}; choose from {sorted(VARIANTS)}")
-    per_seed = {s: run_seed(cfg, data_dir, base, root, s, methods) for s in args.seeds}
-    for s, res in per_seed.items():
-        print(f"\n## seed {s}\n")
-        print(evaluate.compare_markdown({LABELS[m]: r for m, r in res.items()}))
-    if len(per_seed) > 1:
-        summary = aggregate(per_seed, methods)
-        (root / "summary.md").write_text(summary)
-        print("\n## mean over seeds (95% t-interval)\n")
-        print(summary)
-    print(f"\n[demo] done in {(time.time() - t0) / 60:.1f} min; outputs under {root}")
+    (pretrain_llm if which == "llm" else pretrain_vit)(data_dir, out)
 
 
-def aggregate(per_seed, methods):
-    """Mean and 95% t-interval over seeds of each headline number (flattened from score())."""
-    t95 = {2: 12.71, 3: 4.30, 4: 3.18, 5: 2.78, 6: 2.57, 7: 2.45, 8: 2.36, 9: 2.31, 10: 2.26}
-    rows = {}
-    for s, res in per_seed.items():
-        for m in methods:
-            for k, v in evaluate.headline(res[m]).items():
-                rows.setdefault(k, {}).setdefault(m, []).append(v)
-    lines = ["| metric | " + " | ".join(methods) + " |", "|---|" + "---|" * len(methods)]
-    for k, by in rows.items():
+def run_runs(cfg, pool, specs):
+    """specs: [(paths, seed, method, tag, extra TrainConfig fields)] -> {tag: results}. Stage 1 of
+    each (data, seed) first, then every stage 2 + evaluation, two at a time."""
+    stage1 = {}
+    for paths, seed, *_ in specs:
+        s1 = paths["data"].parent / f"seed{seed}" / f"stage1_{paths['data'].name}"
+        stage1.setdefault(str(s1), (train_config(cfg, paths, seed, 1, s1), f"seed {seed} stage 1 ({paths['data'].name})"))
+    [j.result() for j in [pool.submit(run_unit, t, n, cfg.overwrite) for t, n in stage1.values()]]
+    jobs = {}
+    for paths, seed, method, tag, extra in specs:
+        s1 = paths["data"].parent / f"seed{seed}" / f"stage1_{paths['data'].name}"
+        p = {**paths, "stage1": s1}
+        out = paths["data"].parent / f"seed{seed}" / tag
+        tcfg = train_config(cfg, p, seed, 2, out, **{**method_settings(cfg, method), **extra})
+        jobs[(seed, tag)] = pool.submit(stage2_and_eval, tcfg, p, f"seed {seed} {tag}", cfg.overwrite)
+    return {k: j.result() for k, j in jobs.items()}
+
+
+# ----------------------------------------------------------------------------------------------
+# tables, figures, summary.json
+
+T95 = {2: 12.71, 3: 4.30, 4: 3.18, 5: 2.78, 6: 2.57, 7: 2.45, 8: 2.36, 9: 2.31, 10: 2.26}
+
+
+def mean_ci(values):
+    """Mean and the half-width of its 95% t-interval (NaN for one value)."""
+    v = np.asarray(values, dtype=float)
+    half = T95.get(len(v), 1.96) * v.std(ddof=1) / math.sqrt(len(v)) if len(v) > 1 else float("nan")
+    return float(v.mean()), float(half)
+
+
+def summary_of(res):
+    """One run's machine-readable numbers (see the README's "summary.json")."""
+    out = {"overall": {n: res["overall"][n] for n in res["headline"].values()}, "fairness": {}, "probe": res["probe"],
+           "error_rates": res["error_rates"], "swap": res["swap"]}
+    for a, by_metric in res["fairness"].items():
+        out["fairness"][a] = {n: {k: by_metric[n][k] for k in ("m_all", "gap", "es", "ci")} |
+                              {"groups": {g: {"score": s["score"], "n": s["n"], "ci": s.get("ci")}
+                                          for g, s in by_metric[n]["groups"].items()}}
+                              for n in res["headline"].values()}
+    return out
+
+
+def headline_rows(results, methods, seeds):
+    """Rows of the main table: each headline number as mean +- 95% CI over seeds (one seed: the
+    value and its bootstrap interval)."""
+    keys = list(evaluate.headline(results[(seeds[0], methods[0])]))
+    rows = []
+    for k in keys:
         cells = []
         for m in methods:
-            v = np.array(by[m])
-            half = t95.get(len(v), 1.96) * v.std(ddof=1) / math.sqrt(len(v)) if len(v) > 1 else float("nan")
-            cells.append(f"{v.mean():.2f} ± {half:.2f}")
-        lines.append(f"| {k} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+            vals = [evaluate.headline(results[(s, m)])[k] for s in seeds]
+            mu, half = mean_ci(vals)
+            cells.append(f"{mu:.2f}" + (f" ± {half:.2f}" if len(vals) > 1 else ""))
+        rows.append([k] + cells)
+    return rows
+
+
+def paired_rows(results, methods, seeds, keys):
+    """Per-seed differences method - LoRA, mean +- 95% CI: the paired comparison."""
+    rows = []
+    for m in methods:
+        if m == "lora":
+            continue
+        for k in keys:
+            d = [evaluate.headline(results[(s, m)])[k] - evaluate.headline(results[(s, "lora")])[k] for s in seeds]
+            mu, half = mean_ci(d)
+            rows.append([LABELS[m], k, f"{mu:+.2f} ± {half:.2f}", " ".join(f"{x:+.2f}" for x in d)])
+    return rows
+
+
+PAIRED_KEYS = ("Δ-FindF1(R)", "ES-FindF1(R)", "Finding-F1 (shortcut findings)", "CheXpert-F1 (micro)", "BLEU-4",
+               "probe race")
+
+
+def benchmark_rows(results, seeds):
+    """The benchmark's checks on the baseline: per-race error rates and the trace swap."""
+    rows = []
+    for s in seeds:
+        er = results[(s, "lora")]["error_rates"]
+        for g, by_f in er.items():
+            rows.append([str(s), g] + [f"{by_f[k]['fnr']:.2f} / {by_f[k]['fpr']:.2f}" for k in synthetic.FINDINGS])
+    return rows
+
+
+def write_report(cfg, root, results, methods, extra_md=""):
+    seeds = sorted({s for s, _ in results})
+    methods = [m for m in methods if all((s, m) in results for s in seeds)]
+    md = [f"# FairLLaVA demo: {len(seeds)} seed(s) {seeds}\n",
+          "Test split: 2400 decorrelated cases (600 per race). Δ = max_g − min_g over groups, ES = M / (1 + Δ); "
+          "FindF1 = micro-F1 over the three shortcut findings (the benchmark's labeler), F1 = CheXpert-style "
+          "micro-F1. " + ("Mean ± 95% t-interval over seeds." if len(seeds) > 1 else "One seed.") + "\n",
+          markdown_table(["metric"] + [LABELS[m] for m in methods], headline_rows(results, methods, seeds))]
+    if "lora" in methods and len(methods) > 1 and len(seeds) > 1:
+        md += ["\n## Paired differences, method − LoRA (same seed, same stage 1)\n",
+               markdown_table(["method", "metric", "mean ± 95% CI", "per seed"],
+                              paired_rows(results, methods, seeds, PAIRED_KEYS))]
+    if "lora" in methods:
+        md += ["\n## The benchmark's checks on LoRA\n", "False-negative / false-positive rate per race "
+               "(shortcut findings: black patients' findings should be missed more, the others' over-called):\n",
+               markdown_table(["seed", "race"] + list(synthetic.FINDINGS), benchmark_rows(results, seeds)),
+               "\nTrace swap (same cases, only the race texture changed): share of reported findings lost, "
+               "of unreported ones gained, and of all (case, finding) labels changed:\n",
+               markdown_table(["method", "seed", "swap", "lost", "gained", "changed"],
+                              [[LABELS[m], str(s), d, f"{v['lost']:.3f}", f"{v['gained']:.3f}", f"{v['changed']:.3f}"]
+                               for m in methods for s in seeds for d, v in results[(s, m)]["swap"].items()])]
+    md.append(extra_md)
+    (root / "results.md").write_text("\n".join(md) + "\n")
+    summary = {"config": asdict(cfg), "seeds": seeds,
+               "runs": {m: {str(s): summary_of(results[(s, m)]) for s in seeds} for m in methods}}
+    (root / "summary.json").write_text(json.dumps(summary, indent=1, allow_nan=False, default=str))
+    draw_curves({LABELS[m]: root / f"seed{seeds[0]}" / m / "monitor.jsonl" for m in methods}, root / "curves.png",
+                f"The mechanism on the val split (seed {seeds[0]})")
+    print("\n".join(md[:3]))
+    say(f"tables in {root / 'results.md'}, numbers in {root / 'summary.json'}, curves in {root / 'curves.png'}")
+
+
+def draw_lines(panels, path, title, xlabel):
+    """A grid of line charts with Pillow: panels = [(panel title, {series: [(x, y), ...]})]."""
+    from PIL import Image, ImageDraw
+    cols, pw, ph, top = 3, 420, 300, 70
+    rows = math.ceil(len(panels) / cols)
+    img = Image.new("RGB", (cols * pw, top + rows * ph), "white")
+    d = ImageDraw.Draw(img)
+    font, small = evaluate._font(15), evaluate._font(12)
+    d.text((15, 10), title, fill="black", font=evaluate._font(19))
+    names = list(dict.fromkeys(n for _, series in panels for n in series))
+    x = 15
+    for k, n in enumerate(names):
+        color = evaluate.COLORS[k % 3] if k < 3 else (120, 120, 120)
+        d.rectangle([x, 42, x + 16, 56], fill=color)
+        d.text((x + 22, 41), n, fill="black", font=font)
+        x += 22 + d.textlength(n, font=font) + 24
+    for i, (name, series) in enumerate(panels):
+        x0, y0 = (i % cols) * pw + 55, top + (i // cols) * ph + 30
+        x1, y1 = x0 + pw - 75, y0 + ph - 75
+        pts = [p for s in series.values() for p in s if p[1] == p[1]]
+        if not pts:
+            continue
+        xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+        lo, hi = min(ys + [0.0]), max(ys)
+        hi = hi if hi > lo else lo + 1
+        xmin, xmax = min(xs), max(xs) if max(xs) > min(xs) else min(xs) + 1
+        to = lambda p: (x0 + (x1 - x0) * (p[0] - xmin) / (xmax - xmin), y1 - (y1 - y0) * (p[1] - lo) / (hi - lo))
+        d.text((x0, y0 - 24), name, fill="black", font=font)
+        d.rectangle([x0, y0, x1, y1], outline=(180, 180, 180))
+        for t in range(5):
+            v = lo + (hi - lo) * t / 4
+            d.text((x0 - 5, to((xmin, v))[1]), f"{v:.2g}", fill="black", font=small, anchor="rm")
+        d.text((x0, y1 + 8), f"{xmin:g}", fill="black", font=small)
+        d.text((x1, y1 + 8), f"{xmax:g}", fill="black", font=small, anchor="ra")
+        d.text(((x0 + x1) / 2, y1 + 22), xlabel, fill=(90, 90, 90), font=small, anchor="ma")
+        for k, n in enumerate(names):
+            if n in series and series[n]:
+                color = evaluate.COLORS[k % 3] if k < 3 else (120, 120, 120)
+                line = [to(p) for p in series[n] if p[1] == p[1]]
+                d.line(line, fill=color, width=2) if len(line) > 1 else None
+                for p in line:
+                    d.ellipse([p[0] - 2, p[1] - 2, p[0] + 2, p[1] + 2], fill=color)
+    img.save(path)
+
+
+def draw_curves(monitors, path, title):
+    """monitor.jsonl of each run -> curves.png: probe, phi's accuracy and CLUB per attribute, spread of h."""
+    logs = {n: [json.loads(line) for line in Path(p).read_text().splitlines()] for n, p in monitors.items()
+            if Path(p).is_file()}
+    panels = [(f"fresh probe: {a} (val accuracy)", {n: [(r["step"], r[f"probe/{a}"]) for r in L if f"probe/{a}" in r]
+                                                   for n, L in logs.items()}) for a in ("race", "age", "gender")]
+    panels += [(f"phi's accuracy: {a}", {n: [(r["step"], r[f"dac_acc/{a}"]) for r in L if f"dac_acc/{a}" in r]
+                                        for n, L in logs.items()}) for a in ("race", "gender")]
+    panels += [("CLUB(race) with the current phi", {n: [(r["step"], r["club/race"]) for r in L if "club/race" in r]
+                                                   for n, L in logs.items()})]
+    panels += [("spread of h (rms, log10)", {n: [(r["step"], math.log10(r["h_rms"])) for r in L] for n, L in logs.items()})]
+    draw_lines(panels, path, title, "stage-2 step")
+
+
+def study(cfg, root, pool, paths):
+    """Seeds 0-2 x three methods; lambda x {0, 0.3, 3} for the batch variant (x 1 is the variant
+    itself) on seed 0; LoRA without the shortcut (strength 0) and on decorrelated data (oracle)."""
+    seeds = (0, 1, 2)
+    no_shortcut = prepare(cfg, root, None, strength=0.0, name="data_strength0")
+    oracle = prepare(cfg, root, None, strength=0.0, uniform_train=True, name="data_oracle")
+    no_shortcut["base"] = oracle["base"] = paths["base"]
+    methods = ("lora", "fairllava", "fairllava_batch")
+    scales = (0.0, 0.3, 3.0)
+    lam = lambda s: {a: v * cfg.variant_lambda_scale * s for a, v in FAIR_LAMBDAS.items()}
+    specs = [(paths, s, m, m, {}) for s in seeds for m in methods]
+    specs += [(paths, 0, "fairllava_batch", f"fairllava_batch_x{s:g}", {"lambdas": lam(s)}) for s in scales]
+    specs += [(no_shortcut, 0, "lora", "lora_strength0", {}), (oracle, 0, "lora", "lora_oracle", {})]
+    results = run_runs(cfg, pool, specs)
+    main = {k: v for k, v in results.items() if k[1] in methods}
+    dose = {0.0: results[(0, "fairllava_batch_x0")], 0.3: results[(0, "fairllava_batch_x0.3")],
+            1.0: results[(0, "fairllava_batch")], 3.0: results[(0, "fairllava_batch_x3")]}
+    f = lambda r, k: evaluate.headline(r)[k]
+    gap = lambda r: r["fairness"]["race"][synthetic.FINDING_F1.name]
+    ctrl = [[name, f"{gap(r)['gap']:.2f} [{gap(r)['ci']['gap'][0]:.2f}, {gap(r)['ci']['gap'][1]:.2f}]",
+             f"{f(r, synthetic.FINDING_F1.name):.2f}"]
+            for name, r in (("LoRA, shortcut (seed 0)", results[(0, "lora")]),
+                            ("LoRA, shortcut_strength 0", results[(0, "lora_strength0")]),
+                            ("LoRA, oracle (decorrelated training data)", results[(0, "lora_oracle")]))]
+    dose_rows = [[f"{s:g}", f"{f(r, 'probe race'):.1f}", f"{gap(r)['gap']:.2f}", f"{f(r, synthetic.FINDING_F1.name):.2f}",
+                  f"{f(r, 'CheXpert-F1 (micro)'):.2f}"] for s, r in dose.items()]
+    extra = ["\n## Controls: is the gap the shortcut's? (seed 0, Δ-FindF1 by race with its 95% bootstrap CI)\n",
+             markdown_table(["run", "Δ-FindF1(R) [95% CI]", "FindF1, whole set"], ctrl),
+             "\n## Dose-response: FairLLaVA (batch-standardised h), lambdas x scale x 0.1 (seed 0)\n",
+             markdown_table(["scale", "probe race", "Δ-FindF1(R)", "FindF1", "CheXpert-F1"], dose_rows),
+             "\nScale 0 is the lambda = 0 control (phi trains, nothing reaches the backbone).\n"]
+    lora0 = results[(0, "lora")]
+    extra += ["lambda = 0 vs LoRA (seed 0): " + ", ".join(
+        f"{k} {f(dose[0.0], k):.2f} vs {f(lora0, k):.2f}" for k in ("Δ-FindF1(R)", "Finding-F1 (shortcut findings)",
+                                                                   "probe race")) + "\n"]
+    draw_lines([("fresh probe: race (test, %)", {"FairLLaVA batch": [(s, f(r, "probe race")) for s, r in dose.items()]}),
+                ("Δ-FindF1 by race", {"FairLLaVA batch": [(s, gap(r)["gap"]) for s, r in dose.items()]}),
+                ("Finding-F1, whole test set", {"FairLLaVA batch": [(s, f(r, synthetic.FINDING_F1.name))
+                                                                    for s, r in dose.items()]})],
+               root / "tradeoff.png", "Fairness-utility trade-off (seed 0)", "lambda scale (x 0.1 x official)")
+    write_report(cfg, root, main, methods, "\n".join(extra))
+
+
+def main(argv=None):
+    cfg = parse_args(argv)
+    t0 = time.time()
+    root = Path(cfg.dir)
+    root.mkdir(parents=True, exist_ok=True)
+    with ProcessPoolExecutor(cfg.workers, mp_context=get_context("spawn")) as pool:
+        paths = prepare(cfg, root, pool)
+        if cfg.study:
+            study(cfg, root, pool, paths)
+        else:
+            results = run_runs(cfg, pool, [(paths, s, m, m, {}) for s in cfg.seeds for m in cfg.methods])
+            write_report(cfg, root, results, cfg.methods)
+    say(f"done in {(time.time() - t0) / 60:.1f} min; outputs under {root}")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (DemoError, ValueError, FileNotFoundError) as e:
+        sys.exit(f"demo.py: error: {e}")

@@ -126,7 +126,7 @@ def _resume(out_jsonl):
 
 @torch.no_grad()
 def generate_predictions(model, tokenizer, records, image_processor, out_jsonl, batch_size=16,
-                         max_new_tokens=256, desc="generate"):
+                         max_new_tokens=256, desc="generate", quiet=False):
     """Greedy reports for `records`, appended to out_jsonl as {"id", "prediction", "reference"},
     one flushed line per report. Ids already in the file are not generated again (resume). Returns
     the predictions of `records`, in their order; lines of other ids in the file are left alone."""
@@ -145,7 +145,7 @@ def generate_predictions(model, tokenizer, records, image_processor, out_jsonl, 
     pad_id = model.llm.config.pad_token_id
     Path(out_jsonl).parent.mkdir(parents=True, exist_ok=True)
     with open(out_jsonl, "a", encoding="utf-8") as f, \
-            tqdm(total=len(records), initial=len(records) - len(todo), desc=desc, unit="report") as bar:
+            tqdm(total=len(records), initial=len(records) - len(todo), desc=desc, unit="report", disable=quiet) as bar:
         for i in range(0, len(todo), batch_size):
             batch = todo[i:i + batch_size]
             pixels = torch.stack([image_processor(load_image(r["image"], r["id"])) for r in batch])  # (B, 3, S, S)
@@ -220,7 +220,7 @@ def _num(x):
 
 
 def score(predictions, records, attributes=("race", "age", "gender"), dataset="mimic", n_resamples=200,
-          seed=0, min_group_size=30, m_all="whole_set", confidence=0.95):
+          seed=0, min_group_size=30, m_all="whole_set", confidence=0.95, extra_metrics=None):
     """Every metric of the data set, on the whole test set and per group of each attribute.
 
     predictions: [{"id", "prediction"}] (any order); records: the test set from data.read_llava_json,
@@ -232,11 +232,13 @@ def score(predictions, records, attributes=("race", "age", "gender"), dataset="m
                                        groups: {name: {score, n, small, ci}}}
     """
     hyps, refs = match_predictions(predictions, records)
-    ms = dataset_metrics(dataset)
+    extra_metrics = extra_metrics or {}  # {short column name: metrics.Metric}, e.g. a benchmark's own labeler
+    ms = {**dataset_metrics(dataset), **{m.name: m for m in extra_metrics.values()}}
     groups = {a: group_names(records, a) for a in attributes}  # fails on bad metadata before scoring
     out = {"dataset": dataset, "n": len(records), "attributes": list(attributes), "m_all": m_all,
            "min_group_size": min_group_size, "n_resamples": n_resamples, "seed": seed, "confidence": confidence,
-           "headline": HEADLINE[dataset], "chart": list(CHART[dataset]), "overall": {}, "fairness": {}}
+           "headline": {**HEADLINE[dataset], **{k: m.name for k, m in extra_metrics.items()}},
+           "chart": list(CHART[dataset]), "overall": {}, "fairness": {}}
     for name, metric in ms.items():
         ci = metrics.bootstrap_ci(metric, hyps, refs, n_resamples=n_resamples, seed=seed, confidence=confidence) \
             if n_resamples > 0 else (math.nan, math.nan)

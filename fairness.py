@@ -89,6 +89,9 @@ class FairnessConfig:
     protocol: str = field(default="alternating", metadata=dict(
         help="alternating (paper, Algorithm 1) | single_step (official code: one optimizer step)"))
     dac_steps: int = field(default=1, metadata=dict(help="phi updates per batch in the alternating protocol (paper: 1)"))
+    dac_memory: int = field(default=0, metadata=dict(
+        help="phi also fits the last N pooled h of earlier batches (as phi and DIM see them), so that it "
+             "tracks the representation instead of the 16 samples in front of it (paper: 0)"))
     negatives: str = field(default="off_diagonal", metadata=dict(
         help="CLUB's negative pairs: off_diagonal (official) | all (original CLUB)"))
     smooth_abs: bool = field(default=True, metadata=dict(help="penalty sqrt(CLUB^2 + eps) (official) instead of CLUB"))
@@ -100,6 +103,8 @@ class FairnessConfig:
             raise ValueError("FairnessConfig.attributes is empty")
         if isinstance(self.layer, str) and self.layer.lstrip("-").isdigit():
             self.layer = int(self.layer)  # "16" from the command line is a layer index
+        if self.dac_memory < 0:
+            raise ValueError(f"FairnessConfig.dac_memory must be >= 0, got {self.dac_memory}")
         if self.dac_steps < 1:
             raise ValueError(f"FairnessConfig.dac_steps must be >= 1, got {self.dac_steps}")
         for a in self.attributes:
@@ -239,8 +244,9 @@ def normalize_h(h, mode, valid=None, eps=1e-5):
     instead of removing the attribute; l2 and batch give it nothing to gain that way: for any
     c > 0, normalize_h(c h) = normalize_h(h) (batch: exactly, eps being relative). "batch" also
     puts every feature on one scale, so a phi taking one step per batch can read an attribute that
-    lives in small directions of a residual stream dominated by a few large ones. Its gradient
-    flows through mu and var, as in batch normalisation.
+    lives in small directions of a residual stream dominated by a few large ones. mu and var are
+    constants to the gradient (see below), so the values are scale-blind and the gradient
+    does not push h's scale up.
     """
     if mode == "none":
         return h
@@ -251,6 +257,10 @@ def normalize_h(h, mode, valid=None, eps=1e-5):
     rows = h if valid is None else h[valid]
     if rows.shape[0] < 2:  # no statistics: nothing to contrast either, so CLUB is 0 anyway
         return h - h.detach()
+    # statistics as constants (stop-gradient): with their gradient the loss is exactly scale-free,
+    # its gradient is orthogonal to h, and every Adam step inflates h (measured: rms 1 -> 150 in
+    # 375 steps, the LM's residual stream swamped); without it h keeps its scale (rms ~1)
+    rows = rows.detach()
     mu, var = rows.mean(0), rows.var(0, unbiased=False)  # (H,) each
     return (h - mu) * torch.rsqrt(var + eps * var.mean().clamp_min(1e-30))
 
@@ -332,6 +342,10 @@ class FairnessRegularizer(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.dac = DAC(hidden_size, {a: cfg.num_classes[a] for a in cfg.attributes})
+        if cfg.dac_memory:  # FIFO of earlier batches' normalised sg(h) and labels; buffers, so checkpointed
+            self.register_buffer("memory_h", torch.zeros(cfg.dac_memory, hidden_size))
+            self.register_buffer("memory_y", torch.full((cfg.dac_memory, len(cfg.attributes)), UNKNOWN))
+            self.register_buffer("memory_next", torch.zeros((), dtype=torch.long))
 
     def pool(self, hidden, image_mask=None, attention_mask=None, labels=None, generator=None):
         """h(x) as configured: returns (h (B, H) float32, nonempty (B,) bool)."""
@@ -356,12 +370,19 @@ class FairnessRegularizer(nn.Module):
         return out
 
     def dac_loss(self, h, attrs, valid=None):
-        """L_DAC = sum_a L_DAC^a on sg(h): gradients reach phi only."""
+        """L_DAC = sum_a L_DAC^a on sg(h) and the memory, if any: gradients reach phi only.
+        dac_loss/<a> is that loss; dac_acc/<a> and n/<a> describe the current batch alone."""
         ys = self.labels(attrs, h.shape[0], h.device, valid)
-        logits = self.dac(normalize_h(h.detach(), self.cfg.h_norm, valid))
+        z = normalize_h(h.detach(), self.cfg.h_norm, valid)
+        if self.cfg.dac_memory:
+            all_logits = self.dac(torch.cat([z, self.memory_h]))
+            logits = {a: v[:len(z)] for a, v in all_logits.items()}
+        else:
+            all_logits = logits = self.dac(z)
         total, stats = 0.0, {}
-        for a in self.cfg.attributes:
-            la = dac_loss(logits[a], ys[a])
+        for i, a in enumerate(self.cfg.attributes):
+            y_all = torch.cat([ys[a], self.memory_y[:, i]]) if self.cfg.dac_memory else ys[a]
+            la = dac_loss(all_logits[a], y_all)
             known = ys[a] >= 0
             n = known.sum()
             correct = ((logits[a].argmax(-1) == ys[a]) & known).sum()
@@ -412,8 +433,23 @@ class FairnessRegularizer(nn.Module):
 
         for _ in range(self.cfg.dac_steps):
             dac_optimizer.step(closure)
+        self.remember(h, attrs, valid)
         l_dim, dim_stats = self.dim_loss(h, attrs, valid)
         return l_dim, {**seen[0], **dim_stats}
+
+    @torch.no_grad()
+    def remember(self, h, attrs, valid=None):
+        """Push this batch's normalised sg(h) and labels into phi's memory (oldest out first)."""
+        if not self.cfg.dac_memory:
+            return
+        ys = self.labels(attrs, h.shape[0], h.device, valid)
+        z = normalize_h(h.detach(), self.cfg.h_norm, valid)
+        y = torch.stack([ys[a] for a in self.cfg.attributes], dim=1)  # (B, n_attributes)
+        n, m = len(z), self.cfg.dac_memory
+        skip = max(n - m, 0)  # a batch larger than the memory: as if pushed row by row, its last m rows stay
+        idx = (self.memory_next + skip + torch.arange(n - skip, device=z.device)) % m
+        self.memory_h[idx], self.memory_y[idx] = z[skip:].float(), y[skip:]
+        self.memory_next.copy_((self.memory_next + n) % m)
 
     def single_step_loss(self, h, attrs, valid=None):
         """
@@ -423,6 +459,7 @@ class FairnessRegularizer(nn.Module):
         """
         l_dac, stats = self.dac_loss(h, attrs, valid)
         l_dim, dim_stats = self.dim_loss(h, attrs, valid)
+        self.remember(h, attrs, valid)
         return self.cfg.dac_weight * l_dac + l_dim, {**stats, **dim_stats}
 
     def forward(self, h, attrs, dac_optimizer=None, valid=None):

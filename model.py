@@ -724,8 +724,16 @@ def _vision_file(path):
 def load_vision_tower(path_or_repo, dtype=torch.float32, num_heads=None):
     """An open_clip checkpoint (BiomedCLIP, or LLaVA-Rad's BiomedCLIP-CXR) -> VisionTransformer.
     Accepts a `state_dict` wrapper and a DDP `module.` prefix; keeps the `visual.trunk.` tensors.
-    The head count is the one thing the shapes do not show: width / 64 unless num_heads is given."""
+    The head count is the one thing the shapes do not show: num_heads if given, else the `heads` of
+    the vision_cfg in open_clip_config.json beside the weights when it names one, else width / 64
+    (every ViT-B, BiomedCLIP's included: its config names a timm model, not a head count)."""
     f = _vision_file(resolve_path(path_or_repo, ["*.json", "*.bin", "*.safetensors"]))
+    config_file = f.parent / "open_clip_config.json"
+    if num_heads is None and config_file.is_file():
+        try:
+            num_heads = json.loads(config_file.read_text())["model_cfg"]["vision_cfg"].get("heads")
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+            raise CheckpointError(f"{config_file}: expected model_cfg.vision_cfg in open_clip's layout ({e!r})") from None
     sd = load_tensors(f)
     if "state_dict" in sd and isinstance(sd["state_dict"], dict):
         sd = sd["state_dict"]

@@ -50,6 +50,7 @@ import numpy as np
 from PIL import Image
 
 import data
+import metrics
 
 FINDINGS = ("cardiomegaly", "effusion", "opacity", "devices")
 SHORTCUT_FINDINGS = ("cardiomegaly", "effusion", "opacity")  # prevalence depends on race in training
@@ -91,8 +92,8 @@ class SyntheticConfig:
         for name in ("n_pretrain", "n_train", "n_val", "n_test", "n_swap"):
             if getattr(self, name) < 0:
                 raise ValueError(f"SyntheticConfig.{name} must be >= 0, got {getattr(self, name)}")
-        if self.shortcut_strength < 0:
-            raise ValueError(f"SyntheticConfig.shortcut_strength must be >= 0, got {self.shortcut_strength}")
+        if not (self.shortcut_strength >= 0 and np.isfinite(self.shortcut_strength)):  # NaN fails too
+            raise ValueError(f"SyntheticConfig.shortcut_strength must be a finite number >= 0, got {self.shortcut_strength}")
         for name in ("p_disadvantaged", "p_others", "p_control", "p_male"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"SyntheticConfig.{name} must be a probability in [0, 1], got {getattr(self, name)}")
@@ -269,6 +270,58 @@ def extract_findings(text):
     return out
 
 
+def _finding_stats(hyp, ref):
+    """(true positives, false positives, false negatives) over the shortcut findings of one report."""
+    h, r = extract_findings(hyp), extract_findings(ref)
+    return [sum(h[k] and r[k] for k in SHORTCUT_FINDINGS), sum(h[k] and not r[k] for k in SHORTCUT_FINDINGS),
+            sum(r[k] and not h[k] for k in SHORTCUT_FINDINGS)]
+
+
+# micro-F1 over the three findings the shortcut touches (0-100); refs are the benchmark's own reports,
+# which extract_findings reads exactly, so this is F1 against the true findings
+FINDING_F1 = metrics.Metric("Finding-F1 (shortcut findings)", _finding_stats,
+                            lambda s: 100.0 * 2 * s[0] / max(2 * s[0] + s[1] + s[2], 1e-9))
+
+
+def error_rates(predictions, items, by="race_major"):
+    """{group: {finding: {"fnr", "fpr", "n_pos", "n_neg"}}}: how each group's findings were missed
+    (false-negative rate) or invented (false-positive rate), predictions matched to items by id."""
+    pred = {p["id"]: extract_findings(p["prediction"]) for p in predictions}
+    counts = {}
+    for it in items:
+        got = pred[it["id"]]
+        for k in FINDINGS:
+            c = counts.setdefault(str(it[by]), {}).setdefault(k, [0, 0, 0, 0])  # tp, fn, fp, tn
+            y = it["findings_labels"][k]
+            c[(0 if got[k] else 1) if y else (2 if got[k] else 3)] += 1
+    return {g: {k: {"fnr": c[1] / max(c[0] + c[1], 1), "fpr": c[2] / max(c[2] + c[3], 1),
+                    "n_pos": c[0] + c[1], "n_neg": c[2] + c[3]} for k, c in by_f.items()}
+            for g, by_f in sorted(counts.items())}
+
+
+def swap_flips(predictions, swap_predictions, swap_items):
+    """The trace swap: how the reports of the same cases change when only the race texture changes.
+    For each direction (e.g. "white->black": white patients drawn with a black patient's trace),
+    over the shortcut findings: `lost` = share of the findings reported on the original film that
+    are no longer reported, `gained` = share of the findings not reported that now are, and
+    `changed` = share of all (case, finding) pairs whose label flipped."""
+    orig = {p["id"]: extract_findings(p["prediction"]) for p in predictions}
+    swap = {p["id"]: extract_findings(p["prediction"]) for p in swap_predictions}
+    out = {}
+    for it in swap_items:
+        a = orig[it["id"].replace("swap_", "test_")]
+        b = swap[it["id"]]
+        c = out.setdefault(f"{it['race_major']}->{it['trace_race']}", [0, 0, 0, 0, 0])  # pos, lost, neg, gained, n
+        for k in SHORTCUT_FINDINGS:
+            c[0] += a[k]
+            c[1] += a[k] and not b[k]
+            c[2] += not a[k]
+            c[3] += b[k] and not a[k]
+            c[4] += 1
+    return {d: {"lost": c[1] / max(c[0], 1), "gained": c[3] / max(c[2], 1), "changed": (c[1] + c[3]) / max(c[4], 1),
+                "n_cases": c[4] // len(SHORTCUT_FINDINGS)} for d, c in sorted(out.items())}
+
+
 # ----------------------------------------------------------------------------------------------
 # writing the benchmark
 
@@ -326,13 +379,15 @@ def make_synthetic(out_dir, cfg=None):
         with open(out / f"{split}.json", "w") as fh:
             json.dump(items, fh, indent=1)
     texts = [data.conversation_prompt(it["conversations"][0]["value"], it["conversations"][1]["value"])
-             for it in splits["pretrain"] + splits["train"]]
+             for it in splits["pretrain"]]
     train_tokenizer(texts, cfg.vocab_size).save(str(out / "tokenizer.json"))
     (out / "synthetic.json").write_text(json.dumps(asdict(cfg), indent=1))  # last: marks the folder complete
     return splits
 
 
 def train_tokenizer(texts, vocab_size=1024):
+    # trained on the pretrain split alone, so the tokenizer and the stand-in base models are the
+    # same at every shortcut strength (the pretrain split does not depend on it)
     """A small Llama-like BPE tokenizer: Metaspace pre-tokenizer ("▁word"), <unk> 0 / <s> 1 / </s> 2
     as in Llama (so LlamaConfig's bos 1, eos 2, pad 0 hold), BOS prepended by the post-processor,
     every printable ASCII character in the alphabet (no <unk> on plain English). Trained on the

@@ -77,6 +77,7 @@ class TrainConfig:
     pool: str = "mean"
     protocol: str = "alternating"
     dac_steps: int = 1  # phi updates per batch in the alternating protocol
+    dac_memory: int = 0  # phi also fits the last N pooled h (not in the paper)
     h_norm: str = "none"  # how phi and DIM see h: none (paper) | l2 (official) | batch (fairness.normalize_h)
     balance_on: tuple = ("race",)  # attributes whose joint groups resample/reweight balance
     lora_r: int = 64
@@ -133,6 +134,7 @@ def parse_args(argv=None):
         "dac_steps": "phi updates per batch (alternating protocol)",
         "h_norm": "how phi and DIM see h: none (paper) | l2 (per sample, official code) | batch (standardised "
                   "over the batch); l2 and batch are blind to the scale of h",
+        "dac_memory": "phi also fits the last N pooled h of earlier batches; not in the paper (0: off)",
         "monitor_json": "held-out JSON: every --monitor-every steps log phi's accuracy, CLUB, a fresh probe "
                         "and the spread of h on it (monitor.jsonl)",
         "monitor_every": "steps between two monitor points", "monitor_n": "held-out records the monitor uses",
@@ -266,7 +268,8 @@ def fairness_config(cfg):
     """The FairnessConfig this run's flags describe (also used to pool h when nothing is debiased)."""
     return FairnessConfig(attributes=cfg.attributes, lambdas={**FairnessConfig().lambdas, **cfg.lambdas},
                           dac_weight=cfg.dac_weight, layer=cfg.layer, tokens=cfg.tokens, pool=cfg.pool,
-                          protocol=cfg.protocol, dac_steps=cfg.dac_steps, h_norm=cfg.h_norm)
+                          protocol=cfg.protocol, dac_steps=cfg.dac_steps, h_norm=cfg.h_norm,
+                          dac_memory=cfg.dac_memory)
 
 
 def build_regularizer(cfg, model, opt, d):
@@ -379,7 +382,9 @@ def make_loader_state(cfg, dataset, d, epoch):
 # training
 
 
-def train(cfg, d=None, quiet=False):
+def train(cfg, d=None, quiet=False, progress=None):
+    """Train as `cfg` says. quiet: no progress bar; progress(step, total, record): called every
+    --log-every steps instead (the demo prints one line from it)."""
     d = d or setup_distributed()
     out = Path(cfg.out)
     if d.master:
@@ -502,6 +507,8 @@ def train(cfg, d=None, quiet=False):
                 log.write(json.dumps(rec) + "\n")
                 log.flush()
                 bar.update(1)
+                if progress is not None and (step % cfg.log_every == 0 or step == total):
+                    progress(step, total, rec)
                 if step % cfg.log_every == 0 or step == total:
                     bar.set_postfix(loss=f"{rec['loss']:.3f}", lr=f"{lr_now:.2e}",
                                     tok_s=f"{tokens_seen * d.world / (time.time() - t0):.0f}")

@@ -270,7 +270,7 @@ def test_command_line(tmp_path, capsys):
 
 BAD_CONFIGS = {
     **{f"n_{s}": ({f"n_{s}": -1}, f"SyntheticConfig.n_{s} must be >= 0") for s in (*S.SPLITS, "swap")},
-    "strength": ({"shortcut_strength": -0.5}, "SyntheticConfig.shortcut_strength must be >= 0"),
+    "strength": ({"shortcut_strength": -0.5}, "SyntheticConfig.shortcut_strength must be a finite number >= 0"),
     "race_p_length": ({"race_p": (0.5, 0.5)}, "SyntheticConfig.race_p"),
     "race_p_sum": ({"race_p": (0.5, 0.3, 0.1, 0.05)}, "SyntheticConfig.race_p"),
     "race_p_negative": ({"race_p": (1.2, -0.2, 0.0, 0.0)}, "SyntheticConfig.race_p"),
