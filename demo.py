@@ -36,7 +36,7 @@ import shutil
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from multiprocessing import get_context
 from pathlib import Path
 
@@ -50,6 +50,8 @@ import synthetic
 from data import conversation_prompt, load_tokenizer
 from metrics import markdown_table
 from model import Llama, LlamaConfig, VisionConfig, VisionTransformer, save_llama
+from fairness import FairnessConfig
+from lora import LoRAConfig
 from train import TrainConfig, cosine_lr, train
 
 # The stand-in base models (fixed: they play the role of downloaded weights).
@@ -234,24 +236,23 @@ def pretrain_vit(data_dir, out_dir, steps=800, batch=64, seed=1234):
 
 def method_settings(cfg, method):
     """TrainConfig fields of a demo method."""
-    lam = FAIR_LAMBDAS
+    lam = FairnessConfig().lambdas  # the official 0.2 / 0.6 / 0.1
     if method == "fairllava":
-        return dict(method="fairllava", dac_lr=cfg.dac_lr, lambdas={a: v * cfg.lambda_scale for a, v in lam.items()})
+        return dict(method="fairllava", dac_lr=cfg.dac_lr,
+                    fair=FairnessConfig(lambdas={a: v * cfg.lambda_scale for a, v in lam.items()}))
     if method == "fairllava_batch":
-        return dict(method="fairllava", h_norm="batch", dac_lr=cfg.variant_dac_lr, dac_steps=cfg.variant_dac_steps,
-                    dac_memory=cfg.variant_dac_memory, lambdas={a: v * cfg.variant_lambda_scale for a, v in lam.items()})
+        return dict(method="fairllava", dac_lr=cfg.variant_dac_lr, fair=FairnessConfig(
+            h_norm="batch", dac_steps=cfg.variant_dac_steps, dac_memory=cfg.variant_dac_memory,
+            lambdas={a: v * cfg.variant_lambda_scale for a, v in lam.items()}))
     return dict(method=method)
-
-
-FAIR_LAMBDAS = TrainConfig().lambdas  # the official 0.2 / 0.6 / 0.1
 
 
 def train_config(cfg, paths, seed, stage, out, **kw):
     base = dict(llm=str(paths["base"] / "llm"), vision=str(paths["base"] / "vision"),
                 tokenizer=str(paths["base"] / "llm"), train_json=str(paths["data"] / "train.json"), dataset="mimic",
                 seed=seed, batch_size=cfg.batch_size, grad_accum=1, num_workers=0, max_length=256, dtype="fp32",
-                grad_checkpointing=False, save_every=10 ** 9, log_every=25, lora_r=cfg.lora_r,
-                lora_alpha=2.0 * cfg.lora_r, lora_dropout=0.05, stage=stage, out=str(out))
+                grad_checkpointing=False, save_every=10 ** 9, log_every=25, stage=stage, out=str(out),
+                lora=LoRAConfig(r=cfg.lora_r, alpha=2.0 * cfg.lora_r, dropout=0.05))
     if stage == 1:
         base.update(method="lora", lr=cfg.stage1_lr, epochs=cfg.stage1_epochs)
     else:
@@ -302,8 +303,8 @@ def evaluate_unit(tcfg, paths, name, overwrite):
              for s, (recs, _) in splits.items()}
     res = evaluate.score(preds["test"], splits["test"][0], seed=tcfg.seed, extra_metrics={"FindF1": synthetic.FINDING_F1})
     train_recs = data.read_llava_json(paths["data"] / "train.json")
-    res["probe"] = evaluate.attribute_probe(model, tok, proc, train_recs, splits["test"][0], layer=tcfg.layer,
-                                            tokens=tcfg.tokens)
+    res["probe"] = evaluate.attribute_probe(model, tok, proc, train_recs, splits["test"][0], layer=tcfg.fair.layer,
+                                            tokens=tcfg.fair.tokens)
     res["error_rates"] = synthetic.error_rates(preds["test"], splits["test"][1])
     res["swap"] = synthetic.swap_flips(preds["test"], preds["swap"], splits["swap"][1])
     evaluate.write_outputs(res, out, title=name)
@@ -534,9 +535,10 @@ def study(cfg, root, pool, paths):
     no_shortcut["base"] = oracle["base"] = paths["base"]
     methods = ("lora", "fairllava", "fairllava_batch")
     scales = (0.0, 0.3, 3.0)
-    lam = lambda s: {a: v * cfg.variant_lambda_scale * s for a, v in FAIR_LAMBDAS.items()}
+    variant = method_settings(cfg, "fairllava_batch")["fair"]
+    lam = lambda s: replace(variant, lambdas={a: v * s for a, v in variant.lambdas.items()})
     specs = [(paths, s, m, m, {}) for s in seeds for m in methods]
-    specs += [(paths, 0, "fairllava_batch", f"fairllava_batch_x{s:g}", {"lambdas": lam(s)}) for s in scales]
+    specs += [(paths, 0, "fairllava_batch", f"fairllava_batch_x{s:g}", {"fair": lam(s)}) for s in scales]
     specs += [(no_shortcut, 0, "lora", "lora_strength0", {}), (oracle, 0, "lora", "lora_oracle", {})]
     results = run_runs(cfg, pool, specs)
     main = {k: v for k, v in results.items() if k[1] in methods}

@@ -28,8 +28,8 @@ import json
 import math
 import os
 import random
+import re
 import sys
-import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -51,129 +51,161 @@ from model import (LlamaConfig, LlavaModel, VisionConfig, check_state_dict, load
 METHODS = ("lora", "resample", "reweight", "fairllava")
 
 
+def _f(default, help, **kw):
+    """A config field with its --help text beside it."""
+    if isinstance(default, (tuple, dict, list)) or callable(default):
+        return field(default_factory=default if callable(default) else (lambda: default), metadata=dict(help=help), **kw)
+    return field(default=default, metadata=dict(help=help), **kw)
+
+
 @dataclass
 class TrainConfig:
     # model: a local folder or hub id for each part (official: Vicuna-7B-v1.5 + BiomedCLIP)
-    llm: str = "lmsys/vicuna-7b-v1.5"
-    vision: str = "microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224"
-    vision_heads: int = 0  # 0: width / 64 (every ViT-B)
-    tokenizer: str = ""  # tokenizer.json or its folder; default: the --llm folder
-    projector: str = ""  # stage-1 mm_projector.bin to start stage 2 from
-    adapter: str = ""  # a PEFT adapter folder to start stage 2 from (e.g. LLaVA-Rad's)
+    llm: str = _f("lmsys/vicuna-7b-v1.5", "language model folder or hub id (HF Llama layout)")
+    vision: str = _f("microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224",
+                     "open_clip vision checkpoint (file, folder or hub id)")
+    vision_heads: int = _f(0, "vision attention heads (0: open_clip_config.json's, else width / 64)")
+    tokenizer: str = _f("", "tokenizer.json or its folder (default: the --llm folder)")
+    projector: str = _f("", "stage-1 mm_projector.bin to start stage 2 from")
+    adapter: str = _f("", "a PEFT adapter folder to start stage 2 from (e.g. LLaVA-Rad's)")
     # data
-    train_json: str = ""
-    image_root: str = ""
-    dataset: str = "mimic"
-    max_length: int = 2048
-    # method
-    stage: int = 2
-    method: str = "fairllava"
-    attributes: tuple = ("race", "age", "gender")  # joint debiasing; one name = single-attribute mode
-    lambdas: dict = field(default_factory=lambda: {"race": 0.2, "age": 0.6, "gender": 0.1})
-    dac_weight: float = 1.0  # lambda1
-    lm_weight: float = 1.0  # lambda3
-    layer: str = "mid"
-    tokens: str = "image"
-    pool: str = "mean"
-    protocol: str = "alternating"
-    dac_steps: int = 1  # phi updates per batch in the alternating protocol
-    dac_memory: int = 0  # phi also fits the last N pooled h (not in the paper)
-    h_norm: str = "none"  # how phi and DIM see h: none (paper) | l2 (official) | batch (fairness.normalize_h)
-    balance_on: tuple = ("race",)  # attributes whose joint groups resample/reweight balance
-    lora_r: int = 64
-    lora_alpha: float = 128.0
-    lora_dropout: float = 0.05
+    train_json: str = _f("", "LLaVA-style training JSON")
+    image_root: str = _f("", "folder the JSON's image paths are relative to (default: the JSON's)")
+    dataset: str = _f("mimic", "mimic | padchest | ham")
+    max_length: int = _f(2048, "max text tokens per sample")
+    # method: the regulariser's and LoRA's settings live in their own configs (flags below)
+    stage: int = _f(2, "1: projector only; 2: LoRA + projector")
+    method: str = _f("fairllava", " | ".join(METHODS))
+    fair: FairnessConfig = _f(FairnessConfig, "the regulariser (fairness.FairnessConfig)")
+    lora: LoRAConfig = _f(LoRAConfig, "the adapters (lora.LoRAConfig)")
+    lm_weight: float = _f(1.0, "lambda3, the weight of L_LM")
+    balance_on: tuple = _f(("race",), "attributes whose joint groups resample / reweight balance")
     # optimisation (official: AdamW 1e-4 stage 2 / 1e-3 stage 1, cosine, warmup 3%, no decay)
-    lr: float = 1e-4
-    dac_lr: float = 1e-4
-    weight_decay: float = 0.0
-    warmup_ratio: float = 0.03
-    epochs: float = 3.0
-    max_steps: int = 0  # > 0 overrides epochs
-    batch_size: int = 6  # per process, per micro-step
-    grad_accum: int = 2
-    grad_clip: float = 1.0
-    dtype: str = "bf16"  # frozen weights and autocast dtype on GPU; CPU always runs fp32
-    grad_checkpointing: bool = True
-    seed: int = 42
-    num_workers: int = 2
+    lr: float = _f(1e-4, "learning rate (LoRA + projector)")
+    dac_lr: float = _f(1e-4, "learning rate of phi (on the same schedule)")
+    weight_decay: float = _f(0.0, "AdamW weight decay")
+    warmup_ratio: float = _f(0.03, "share of the steps with a linear warmup")
+    epochs: float = _f(3.0, "epochs (fractions allowed)")
+    max_steps: int = _f(0, "optimizer steps; > 0 overrides --epochs")
+    batch_size: int = _f(6, "samples per process per micro-step")
+    grad_accum: int = _f(2, "micro-steps per optimizer step")
+    grad_clip: float = _f(1.0, "max gradient norm (0: off)")
+    dtype: str = _f("bf16", "bf16 | fp32: frozen weights and autocast on GPU (CPU always runs fp32)")
+    grad_checkpointing: bool = _f(True, "recompute activations in backward")
+    seed: int = _f(42, "random seed")
+    num_workers: int = _f(2, "data loader workers")
     # bookkeeping
-    out: str = "runs/fairllava"
-    resume: bool = False
-    save_every: int = 500
-    log_every: int = 10
-    max_bad_steps: int = 10  # this many non-finite losses in a row stops the run
-    overfit_one_batch: bool = False
-    stop_after: int = 0  # debug: stop after this many steps, as if killed (tests --resume)
-    dump_grads: str = ""  # debug: save the first step's gradients to this file (tests DDP equivalence)
-    monitor_json: str = ""  # held-out LLaVA JSON on which the leak is measured during training
-    monitor_every: int = 25
-    monitor_n: int = 400
+    out: str = _f("runs/fairllava", "output folder")
+    resume: bool = _f(False, "continue from --out/checkpoint.pt")
+    save_every: int = _f(500, "checkpoint every N steps")
+    log_every: int = _f(10, "progress every N steps")
+    max_bad_steps: int = _f(10, "stop after N non-finite losses in a row")
+    monitor_json: str = _f("", "held-out JSON: every --monitor-every steps, log a fresh probe's accuracy, phi's "
+                               "accuracy, CLUB and the spread of h on it (monitor.jsonl)")
+    monitor_every: int = _f(25, "steps between two monitor points")
+    monitor_n: int = _f(400, "held-out records the monitor uses")
+    overfit_one_batch: bool = _f(False, "debug: train on the first batch only")
+    stop_after: int = _f(0, "debug: stop after N steps as if killed (then --resume)")
+    dump_grads: str = _f("", "debug: save the first step's gradients to this file (tests DDP equivalence)")
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"--method must be one of {METHODS}, got {self.method!r}")
+        if self.dtype not in ("bf16", "fp32"):
+            raise ValueError(f"--dtype must be bf16 or fp32, got {self.dtype!r}")
+        if self.dataset not in data.DATASETS:
+            raise ValueError(f"--dataset must be one of {sorted(data.DATASETS)}, got {self.dataset!r}")
+        if self.stage not in (1, 2):
+            raise ValueError(f"--stage must be 1 or 2, got {self.stage}")
+        for name in ("batch_size", "grad_accum", "log_every", "save_every", "monitor_every", "monitor_n"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        for name in ("max_steps", "stop_after"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        if not (self.epochs > 0 and math.isfinite(self.epochs)):
+            raise ValueError(f"--epochs must be a finite number > 0, got {self.epochs}")
+        for name in ("lr", "dac_lr"):
+            if not (getattr(self, name) > 0 and math.isfinite(getattr(self, name))):
+                raise ValueError(f"--{name.replace('_', '-')} must be a finite number > 0, got {getattr(self, name)}")
+
+
+# Flags of the nested configs: --NAME for FairnessConfig.NAME, --lora-NAME for LoRAConfig.NAME.
+NESTED = {"fair": ("", FairnessConfig), "lora": ("lora-", LoRAConfig)}
+LORA_HELP = {"r": "LoRA rank", "alpha": "LoRA alpha (update scale alpha / r)", "dropout": "dropout on the LoRA path"}
+
+
+def _add_flag(p, flag, default, help, dest):
+    if not isinstance(default, bool):
+        return _add_valued_flag(p, flag, default, help, dest, flag[2:].upper().replace("-", "_"))
+    p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help, dest=dest)
+
+
+def _add_valued_flag(p, flag, default, help, dest, metavar):
+    if isinstance(default, tuple):
+        p.add_argument(flag, nargs="+", default=list(default), help=help, dest=dest, metavar=metavar)
+    elif isinstance(default, dict):  # name=value pairs, merged into the defaults
+        p.add_argument(flag, nargs="+", default=None, help=help + " (the names not given keep their default)",
+                       dest=dest, metavar="NAME=VALUE")
+    else:
+        p.add_argument(flag, type=type(default), default=default, help=help, dest=dest, metavar=metavar)
 
 
 def parse_args(argv=None):
+    """Flags -> (args, TrainConfig). A bad value is one line naming the flag, exit code 2."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--demo", action="store_true", help="run the whole story on the synthetic benchmark (CPU, minutes)")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="--demo: seeds to run and aggregate")
-    p.add_argument("--demo-dir", default="runs/demo", help="--demo: where data, models and results go")
-    p.add_argument("--demo-methods", nargs="+", default=["lora", "fairllava"],
-                   help="--demo: methods to compare (lora, resample, reweight, fairllava, fairllava_lbfgs)")
     p.add_argument("--dry-run", action="store_true", help="build the 7B model on the meta device; print counts and memory")
-    helps = {
-        "llm": "language model folder or hub id", "vision": "open_clip vision checkpoint (file, folder or hub id)",
-        "vision_heads": "vision attention heads (0: width/64)", "tokenizer": "tokenizer.json or folder (default: --llm)",
-        "projector": "mm_projector.bin to start from", "adapter": "PEFT adapter folder to start from",
-        "train_json": "LLaVA-style training JSON", "image_root": "folder the JSON's image paths are relative to",
-        "dataset": "mimic | padchest | ham10000", "max_length": "max text tokens per sample",
-        "stage": "1: projector only; 2: LoRA + projector", "method": " | ".join(METHODS),
-        "attributes": "attributes to debias (several = joint, one = single-attribute)",
-        "lambdas": "per-attribute DIM weights, e.g. race=0.2 age=0.6 gender=0.1",
-        "dac_weight": "lambda1, weight of L_DAC", "lm_weight": "lambda3, weight of L_LM",
-        "layer": "hidden layer for h: first | mid | last | mean | an index", "tokens": "image | answer | all",
-        "pool": "mean | random_token (official variant)", "protocol": "alternating (paper) | single_step (official)",
-        "dac_steps": "phi updates per batch (alternating protocol)",
-        "h_norm": "how phi and DIM see h: none (paper) | l2 (per sample, official code) | batch (standardised "
-                  "over the batch); l2 and batch are blind to the scale of h",
-        "dac_memory": "phi also fits the last N pooled h of earlier batches; not in the paper (0: off)",
-        "monitor_json": "held-out JSON: every --monitor-every steps log phi's accuracy, CLUB, a fresh probe "
-                        "and the spread of h on it (monitor.jsonl)",
-        "monitor_every": "steps between two monitor points", "monitor_n": "held-out records the monitor uses",
-        "balance_on": "attributes whose joint groups resample/reweight balance", "lora_r": "LoRA rank",
-        "lora_alpha": "LoRA alpha (scale alpha/r)", "lora_dropout": "dropout on the LoRA path", "lr": "learning rate",
-        "dac_lr": "learning rate of phi", "weight_decay": "AdamW weight decay", "warmup_ratio": "linear warmup share",
-        "epochs": "epochs (fractions allowed)", "max_steps": "optimizer steps (overrides --epochs)",
-        "batch_size": "samples per process per micro-step", "grad_accum": "micro-steps per optimizer step",
-        "grad_clip": "max gradient norm (0: off)", "dtype": "bf16 | fp32 (GPU)", "grad_checkpointing": "recompute activations",
-        "seed": "random seed", "num_workers": "data loader workers", "out": "output folder",
-        "resume": "continue from --out/checkpoint.pt", "save_every": "checkpoint every N steps",
-        "log_every": "log every N steps", "max_bad_steps": "stop after N non-finite losses in a row",
-        "overfit_one_batch": "debug: train on the first batch only",
-        "stop_after": "debug: stop after N steps as if killed (then --resume)",
-        "dump_grads": "debug: save the first step's gradients to this file",
-    }
-    for f in fields(TrainConfig):
-        flag = "--" + f.name.replace("_", "-")
-        if f.type == "bool" or isinstance(f.default, bool):
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=helps[f.name])
-        elif f.name in ("attributes", "balance_on"):
-            p.add_argument(flag, nargs="+", default=list(f.default), help=helps[f.name])
-        elif f.name == "lambdas":
-            p.add_argument(flag, nargs="+", default=None, help=helps[f.name])
+    top = [f for f in fields(TrainConfig) if f.name not in NESTED]
+    for f in top:
+        _add_flag(p, "--" + f.name.replace("_", "-"), getattr(TrainConfig(), f.name), f.metadata["help"], f.name)
+    for key, (prefix, cls) in NESTED.items():
+        for f in fields(cls):
+            help = f.metadata.get("help") if key == "fair" else LORA_HELP.get(f.name)
+            if help:
+                _add_flag(p, "--" + prefix + f.name.replace("_", "-"), getattr(cls(), f.name), help, f"{key}.{f.name}")
+    a = vars(p.parse_args(argv))
+    try:
+        nested = {}
+        for key, (_, cls) in NESTED.items():
+            kw = {k.split(".", 1)[1]: v for k, v in a.items() if k.startswith(key + ".") and v is not None}
+            if "lambdas" in kw:
+                try:
+                    kw["lambdas"] = {**cls().lambdas, **{k: float(v) for k, v in (s.split("=") for s in kw["lambdas"])}}
+                except ValueError:
+                    raise ValueError(f"--lambdas expects name=value pairs, got {kw['lambdas']}") from None
+            kw = {k: tuple(v) if isinstance(v, list) else v for k, v in kw.items()}
+            nested[key] = cls(**kw)
+        cfg = TrainConfig(**{f.name: tuple(a[f.name]) if isinstance(a[f.name], list) else a[f.name] for f in top},
+                          **nested)
+    except ValueError as e:
+        p.error(re.sub(r"FairnessConfig\.(\w+)", lambda m: "--" + m.group(1).replace("_", "-"), str(e)))
+    return argparse.Namespace(dry_run=a["dry_run"]), cfg
+
+
+def to_argv(cfg):
+    """The flags that give `cfg` back: parse_args(to_argv(cfg))[1] == cfg (for the settings that
+    have a flag; LoRA targets and the DAC head sizes have none)."""
+    argv = []
+
+    def add(flag, v):
+        if isinstance(v, bool):
+            argv.append(flag if v else "--no-" + flag[2:])
+        elif isinstance(v, tuple):
+            argv.extend([flag, *map(str, v)])
+        elif isinstance(v, dict):
+            argv.extend([flag, *(f"{a}={b}" for a, b in v.items())])
         else:
-            p.add_argument(flag, type=type(f.default), default=f.default, help=helps[f.name])
-    a = p.parse_args(argv)
-    kw = {f.name: getattr(a, f.name) for f in fields(TrainConfig)}
-    kw["attributes"], kw["balance_on"] = tuple(kw["attributes"]), tuple(kw["balance_on"])
-    if a.lambdas is None:
-        kw["lambdas"] = TrainConfig().lambdas
-    else:
-        try:
-            kw["lambdas"] = {k: float(v) for k, v in (s.split("=") for s in a.lambdas)}
-        except ValueError:
-            p.error(f"--lambdas expects name=value pairs, got {a.lambdas}")
-    if kw["method"] not in METHODS:
-        p.error(f"--method must be one of {METHODS}")
-    return a, TrainConfig(**kw)
+            argv.extend([flag, str(v)])
+
+    for f in fields(cfg):
+        if f.name not in NESTED:
+            add("--" + f.name.replace("_", "-"), getattr(cfg, f.name))
+            continue
+        prefix, cls = NESTED[f.name]
+        for g in fields(cls):
+            if (g.metadata.get("help") if f.name == "fair" else LORA_HELP.get(g.name)):
+                add("--" + prefix + g.name.replace("_", "-"), getattr(getattr(cfg, f.name), g.name))
+    return argv
 
 
 # ----------------------------------------------------------------------------------------------
@@ -255,7 +287,7 @@ def build_model(cfg, d):
         model.requires_grad_(False)
         model.mm_projector.requires_grad_(True)
     else:
-        apply_lora(model.llm, LoRAConfig(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout))
+        apply_lora(model.llm, cfg.lora)
         model.llm.to(d.device)
         if cfg.adapter:
             load_peft_adapter(model.llm, cfg.adapter)
@@ -264,20 +296,12 @@ def build_model(cfg, d):
     return model
 
 
-def fairness_config(cfg):
-    """The FairnessConfig this run's flags describe (also used to pool h when nothing is debiased)."""
-    return FairnessConfig(attributes=cfg.attributes, lambdas={**FairnessConfig().lambdas, **cfg.lambdas},
-                          dac_weight=cfg.dac_weight, layer=cfg.layer, tokens=cfg.tokens, pool=cfg.pool,
-                          protocol=cfg.protocol, dac_steps=cfg.dac_steps, h_norm=cfg.h_norm,
-                          dac_memory=cfg.dac_memory)
-
-
 def build_regularizer(cfg, model, opt, d):
     """phi and its optimizer for FairLLaVA's stage 2, else (None, None). Alternating protocol: phi
     has its own AdamW, stepped inside the regulariser; single step: phi joins the main optimizer."""
     if cfg.method != "fairllava" or cfg.stage != 2:
         return None, None
-    fcfg = fairness_config(cfg)
+    fcfg = cfg.fair
     fair = FairnessRegularizer(fcfg, model.llm.config.hidden_size).to(d.device)
     if d.world > 1:  # every rank starts from the same phi
         for p in fair.parameters():
@@ -363,7 +387,7 @@ def atomic_save(obj, path, save_fn=None):
 # data
 
 
-def make_loader_state(cfg, dataset, d, epoch):
+def epoch_batches(cfg, dataset, d, epoch):
     """The batches (lists of dataset indices) this rank sees in `epoch`. Each rank gets a disjoint
     share, as DistributedSampler gives; resample draws group-balanced indices instead."""
     if cfg.method == "resample" and cfg.stage == 2:
@@ -382,10 +406,34 @@ def make_loader_state(cfg, dataset, d, epoch):
 # training
 
 
-def train(cfg, d=None, quiet=False, progress=None):
-    """Train as `cfg` says. quiet: no progress bar; progress(step, total, record): called every
-    --log-every steps instead (the demo prints one line from it)."""
-    d = d or setup_distributed()
+@dataclass
+class Run:
+    """What one training run holds: the model (and `net`, the same model wrapped in DDP under
+    torchrun, which the forward goes through), phi and the optimizers, the data, the schedule."""
+    cfg: TrainConfig
+    d: Dist
+    model: torch.nn.Module
+    net: torch.nn.Module
+    fair: FairnessRegularizer | None
+    opt: torch.optim.Optimizer
+    dac_opt: SyncedOptimizer | None
+    dataset: data.ReportDataset
+    steps_per_epoch: int
+    total: int
+    monitor: Monitor | None
+
+    def set_lr(self, step):
+        """One schedule for every learning rate, phi's included (as in the official run, where phi
+        sits in the main optimizer); a function of the step alone, so resuming needs no state for it."""
+        warmup = int(self.cfg.warmup_ratio * self.total)
+        for o in [self.opt] + ([self.dac_opt.opt] if self.dac_opt is not None else []):
+            for g in o.param_groups:
+                g.setdefault("base_lr", g["lr"])
+                g["lr"] = g["base_lr"] * cosine_lr(step, self.total, warmup)
+
+
+def setup(cfg, d):
+    """Model, data, phi, optimizers and schedule, in a fixed order (the random stream depends on it)."""
     out = Path(cfg.out)
     if d.master:
         out.mkdir(parents=True, exist_ok=True)
@@ -400,56 +448,89 @@ def train(cfg, d=None, quiet=False, progress=None):
         weights = data.inverse_frequency_weights(data.group_labels(records, cfg.balance_on))
     dataset = data.ReportDataset(records, tokenizer, data.ImageProcessor(vit.image_size, vit.mean, vit.std),
                                  cfg.max_length, sample_weights=weights)
-
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
+                            weight_decay=cfg.weight_decay)
     fair, dac_opt = build_regularizer(cfg, model, opt, d)
-    ddp = DDP(model, device_ids=[d.local_rank] if d.device.startswith("cuda") else None) if d.world > 1 else model
-    monitor = Monitor(cfg, fairness_config(cfg), tokenizer, dataset.image_processor, cfg.resume) \
+    net = DDP(model, device_ids=[d.local_rank] if d.device.startswith("cuda") else None) if d.world > 1 else model
+    monitor = Monitor(cfg, cfg.fair, tokenizer, dataset.image_processor, cfg.resume) \
         if cfg.monitor_json and d.master else None
-
-    batches0 = make_loader_state(cfg, dataset, d, 0)
-    if not batches0:
+    n_batches = len(epoch_batches(cfg, dataset, d, 0))
+    if not n_batches:
         raise ValueError(f"{cfg.train_json}: {len(dataset)} samples give no full batch of {cfg.batch_size} "
                          f"per process on {d.world} process(es)")
-    steps_per_epoch = max(1, len(batches0) // cfg.grad_accum)
+    steps_per_epoch = max(1, n_batches // cfg.grad_accum)
     total = cfg.max_steps or max(1, int(cfg.epochs * steps_per_epoch))
-    warmup = int(cfg.warmup_ratio * total)
-    # one schedule for every learning rate, phi's included (as in the official run, where phi sits
-    # in the main optimizer); a function of the step alone, so a resumed run needs no state for it
-    optimizers = [opt] + ([dac_opt.opt] if dac_opt is not None else [])
-    for o in optimizers:
-        for g in o.param_groups:
-            g.setdefault("base_lr", g["lr"])
-    set_lr = lambda s: [g.__setitem__("lr", g["base_lr"] * cosine_lr(s, total, warmup))
-                        for o in optimizers for g in o.param_groups]
+    return Run(cfg, d, model, net, fair, opt, dac_opt, dataset, steps_per_epoch, total, monitor)
 
-    step, bad_steps = 0, 0
-    ckpt_path = out / "checkpoint.pt"
+
+def train(cfg, d=None, quiet=False, progress=None):
+    """Train as `cfg` says. quiet: no progress bar; progress(step, total, record): called every
+    --log-every steps instead (the demo prints one line from it)."""
+    d = d or setup_distributed()
+    run = setup(cfg, d)
+    out, step, bad_steps = Path(cfg.out), 0, 0
     if cfg.resume:
-        step = load_checkpoint(ckpt_path, model, fair, opt, dac_opt)
+        step = load_checkpoint(out / "checkpoint.pt", run.model, run.fair, run.opt, run.dac_opt)
     log = open(out / "log.jsonl", "a") if d.master else None
-    use_autocast = d.device.startswith("cuda") and cfg.dtype == "bf16"
-    bar = tqdm(total=total, initial=step, disable=not d.master or quiet, desc=f"stage {cfg.stage} {cfg.method}")
-    t0, tokens_seen = time.time(), 0
-    if monitor is not None and step == 0:
-        monitor.log(0, model, fair)
-    model.train()
-    fixed = None
-    while step < total:
-        epoch, in_epoch = divmod(step, steps_per_epoch)
-        batches = make_loader_state(cfg, dataset, d, epoch)
-        start = in_epoch * cfg.grad_accum  # resume mid-epoch: skip the batches already seen
+    bar = tqdm(total=run.total, initial=step, disable=not d.master or quiet, desc=f"stage {cfg.stage} {cfg.method}")
+    if run.monitor is not None and step == 0:
+        run.monitor.log(0, run.model, run.fair)
+    run.model.train()
+    for micro in micro_batches(run, step):
+        run.set_lr(step)
+        lr_now = run.opt.param_groups[0]["lr"]
+        loss_sum, stats = forward_backward(run, micro, step)
+        skipped = not optimizer_step(run, loss_sum, stats, step)
+        bad_steps = bad_steps + 1 if skipped else 0
+        if bad_steps >= cfg.max_bad_steps:
+            raise FloatingPointError(f"{bad_steps} non-finite losses in a row: stopping "
+                                     f"(last good checkpoint: {out / 'checkpoint.pt'})")
+        step += 1
+        all_reduce_mean_([loss_sum], d)
+        if d.master:
+            rec = {"step": step, "loss": loss_sum.item(), "lr": lr_now, "skipped": skipped, **stats}
+            log.write(json.dumps(rec) + "\n")
+            log.flush()
+            bar.update(1)
+            if step % cfg.log_every == 0 or step == run.total:
+                bar.set_postfix(loss=f"{rec['loss']:.3f}", lr=f"{lr_now:.2e}")
+                if progress is not None:
+                    progress(step, run.total, rec)
+        if run.monitor is not None and (step % cfg.monitor_every == 0 or step == run.total):
+            run.monitor.log(step, run.model, run.fair)
+        if step % cfg.save_every == 0 or step == run.total:
+            save_checkpoint(out / "checkpoint.pt", cfg, run.model, run.fair, run.opt, run.dac_opt, step, d)
+        if cfg.stop_after and step >= cfg.stop_after:
+            if d.master:
+                log.close()
+                print(f"stopping after step {step} (--stop-after)", file=sys.stderr)
+            return run.model, run.fair
+    bar.close()
+    if d.master:
+        log.close()
+        export(out, cfg, run.model)
+    if d.world > 1:
+        dist.barrier()
+    return run.model, run.fair
+
+
+def micro_batches(run, step):
+    """From `step` to the end: each optimizer step's list of --grad-accum batches. A resumed run
+    skips the batches its epoch has already seen."""
+    cfg, fixed = run.cfg, None
+    while step < run.total:
+        epoch, in_epoch = divmod(step, run.steps_per_epoch)
+        batches = epoch_batches(cfg, run.dataset, run.d, epoch)
+        start = in_epoch * cfg.grad_accum
         # The loader gets its own generator: creating an iterator draws a seed, and drawing it from
         # the global RNG would shift the dropout stream of a resumed run.
-        loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches[start:steps_per_epoch * cfg.grad_accum],
+        loader = torch.utils.data.DataLoader(run.dataset, batch_sampler=batches[start:run.steps_per_epoch * cfg.grad_accum],
                                              collate_fn=data.collate, num_workers=cfg.num_workers,
                                              generator=torch.Generator().manual_seed(cfg.seed + epoch))
         it = iter(loader)
-        for _ in range(in_epoch, steps_per_epoch):
-            if step >= total:
-                break
-            stats, skipped = {}, False
+        for _ in range(in_epoch, run.steps_per_epoch):
+            if step >= run.total:
+                return
             micro = []
             for _ in range(cfg.grad_accum):
                 b = next(it)
@@ -457,82 +538,55 @@ def train(cfg, d=None, quiet=False, progress=None):
                     fixed = fixed or b
                     b = fixed
                 micro.append(b)
-            set_lr(step)
-            lr_now = opt.param_groups[0]["lr"]
-            # The LM loss of the step is (sum of token losses) / (supervised tokens of the whole
-            # step, all ranks): per micro-batch, its share of that sum. DDP averages gradients over
-            # ranks, so multiply by the world size to get the sum back.
-            n_tok = sum(supervised_weight(b["labels"], b.get("sample_weight")) for b in micro).to(d.device)
-            all_reduce_mean_([n_tok], d)
-            n_tok = n_tok * d.world
-            loss_sum = torch.zeros((), device=d.device)
-            for k, b in enumerate(micro):
-                last = k == len(micro) - 1
-                ctx = ddp.no_sync() if (d.world > 1 and not last) else contextlib.nullcontext()
-                with ctx:
-                    loss, mstats = micro_step(cfg, ddp, fair, dac_opt, b, d, use_autocast, n_tok)
-                    loss.backward()
-                loss_sum += loss.detach()
-                tokens_seen += int(b["attention_mask"].sum())
-                for key, v in mstats.items():
-                    stats[key] = stats.get(key, 0.0) + float(v) / cfg.grad_accum
-            if cfg.dump_grads and step == 0 and d.master:  # debug/test hook: the first step's gradients
-                atomic_save({n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None},
-                            cfg.dump_grads)
-            # Single-step phi is outside DDP: average its gradients by hand.
-            if fair is not None and dac_opt is None:
-                all_reduce_mean_([p.grad for p in fair.parameters() if p.grad is not None], d)
-            finite = torch.isfinite(loss_sum).float()
-            all_reduce_mean_([finite], d)
-            if finite.item() < 1.0:  # some rank saw inf/nan: every rank skips this step together
-                opt.zero_grad(set_to_none=True)
-                bad_steps += 1
-                if d.master:
-                    print(f"step {step}: non-finite loss ({loss_sum.item()}), step skipped", file=sys.stderr)
-                if bad_steps >= cfg.max_bad_steps:
-                    raise FloatingPointError(f"{bad_steps} non-finite losses in a row: stopping "
-                                             f"(last good checkpoint: {ckpt_path})")
-                skipped = True
-            else:
-                bad_steps = 0
-                if cfg.grad_clip > 0:
-                    gn = torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], cfg.grad_clip)
-                    stats["grad_norm"] = float(gn)
-                opt.step()
-                opt.zero_grad(set_to_none=True)
+            yield micro
             step += 1
-            all_reduce_mean_([loss_sum], d)
-            if d.master:
-                rec = {"step": step, "loss": loss_sum.item(), "lr": lr_now, "skipped": skipped, **stats}
-                log.write(json.dumps(rec) + "\n")
-                log.flush()
-                bar.update(1)
-                if progress is not None and (step % cfg.log_every == 0 or step == total):
-                    progress(step, total, rec)
-                if step % cfg.log_every == 0 or step == total:
-                    bar.set_postfix(loss=f"{rec['loss']:.3f}", lr=f"{lr_now:.2e}",
-                                    tok_s=f"{tokens_seen * d.world / (time.time() - t0):.0f}")
-            if monitor is not None and (step % cfg.monitor_every == 0 or step == total):
-                monitor.log(step, model, fair)
-            if step % cfg.save_every == 0 or step == total:
-                save_checkpoint(ckpt_path, cfg, model, fair, opt, dac_opt, step, d)
-            if cfg.stop_after and step >= cfg.stop_after:
-                break
-        if cfg.stop_after and step >= cfg.stop_after:
-            if d.master:
-                log.close()
-                print(f"stopping after step {step} (--stop-after)", file=sys.stderr)
-            return model, fair
-    bar.close()
-    if d.master:
-        log.close()
-        export(out, cfg, model)
-    if d.world > 1:
-        dist.barrier()
-    return model, fair
 
 
-def micro_step(cfg, ddp, fair, dac_opt, b, d, use_autocast, n_tok):
+def forward_backward(run, micro, step):
+    """Forward and backward of every micro-batch of one optimizer step -> (the step's loss, stats).
+    The LM loss of the step is (sum of token losses) / (supervised tokens of the whole step, all
+    ranks): per micro-batch, its share of that sum. DDP averages gradients over ranks, so each
+    share is multiplied by the world size to get the sum back."""
+    cfg, d = run.cfg, run.d
+    n_tok = sum(supervised_weight(b["labels"], b.get("sample_weight")) for b in micro).to(d.device)
+    all_reduce_mean_([n_tok], d)
+    n_tok = n_tok * d.world
+    use_autocast = d.device.startswith("cuda") and cfg.dtype == "bf16"
+    loss_sum, stats = torch.zeros((), device=d.device), {}
+    for k, b in enumerate(micro):
+        last = k == len(micro) - 1
+        with run.net.no_sync() if (d.world > 1 and not last) else contextlib.nullcontext():
+            loss, mstats = micro_step(cfg, run.net, run.fair, run.dac_opt, b, d, use_autocast, n_tok)
+            loss.backward()
+        loss_sum += loss.detach()
+        for key, v in mstats.items():
+            stats[key] = stats.get(key, 0.0) + float(v) / cfg.grad_accum
+    if cfg.dump_grads and step == 0 and d.master:  # debug/test hook: the first step's gradients
+        atomic_save({n: p.grad.detach().clone() for n, p in run.model.named_parameters() if p.grad is not None},
+                    cfg.dump_grads)
+    if run.fair is not None and run.dac_opt is None:  # single-step phi is outside DDP: average by hand
+        all_reduce_mean_([p.grad for p in run.fair.parameters() if p.grad is not None], d)
+    return loss_sum, stats
+
+
+def optimizer_step(run, loss_sum, stats, step):
+    """Clip and step, or, if some rank saw inf/nan, skip the step on every rank. True if stepped."""
+    finite = torch.isfinite(loss_sum).float()
+    all_reduce_mean_([finite], run.d)
+    if finite.item() < 1.0:
+        run.opt.zero_grad(set_to_none=True)
+        if run.d.master:
+            print(f"step {step}: non-finite loss ({loss_sum.item()}), step skipped", file=sys.stderr)
+        return False
+    if run.cfg.grad_clip > 0:
+        params = [p for g in run.opt.param_groups for p in g["params"]]
+        stats["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, run.cfg.grad_clip))
+    run.opt.step()
+    run.opt.zero_grad(set_to_none=True)
+    return True
+
+
+def micro_step(cfg, net, fair, dac_opt, b, d, use_autocast, n_tok):
     """One forward of the backbone -> this micro-batch's part of the step's loss, plus stats:
 
         L_total = lambda1 L_DAC + lambda2 L_DIM + lambda3 L_LM        (paper, "Loss & Training")
@@ -546,12 +600,13 @@ def micro_step(cfg, ddp, fair, dac_opt, b, d, use_autocast, n_tok):
     px = b["pixel_values"].to(dev)
     sw = b["sample_weight"].to(dev) if "sample_weight" in b else None  # reweighting baseline
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_autocast):
-        out = ddp(ids, px, mask, labels, return_hidden=fair is not None)
+        out = net(ids, px, mask, labels, return_hidden=fair is not None)
     lm = lm_loss(out.logits, out.labels, sw, normalizer=n_tok) * d.world
     loss = cfg.lm_weight * lm
-    stats = {"lm_loss": lm_loss(out.logits.detach(), out.labels, sw)}  # this micro-batch's mean, for the log
+    # this micro-batch's mean token loss, for the log: the same sum over its own token count
+    stats = {"lm_loss": lm.detach() * n_tok / (d.world * supervised_weight(out.labels, sw).clamp_min(1e-8))}
     if fair is not None:
-        attrs = {a: b["attrs"][a].to(dev) for a in cfg.attributes}
+        attrs = {a: b["attrs"][a].to(dev) for a in cfg.fair.attributes}
         h, valid = fair.pool(out.hidden, image_mask=out.image_mask, attention_mask=out.attention_mask,
                              labels=out.labels)
         reg, fstats = fair(h, attrs, dac_opt, valid=valid)  # samples with no pooled token are left out
@@ -616,7 +671,7 @@ def export(out, cfg, model):
     proj = {f"model.mm_projector.{k}": v.detach().cpu().contiguous() for k, v in model.mm_projector.state_dict().items()}
     atomic_save(proj, out / "mm_projector.bin")
     if cfg.stage == 2:
-        save_peft_adapter(model.llm, out / "adapter", LoRAConfig(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout))
+        save_peft_adapter(model.llm, out / "adapter", cfg.lora)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -626,8 +681,8 @@ def export(out, cfg, model):
 def dry_run(cfg):
     with torch.device("meta"):
         model = LlavaModel(LlamaConfig(), VisionConfig())
-        apply_lora(model.llm, LoRAConfig(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout))
-        fair = FairnessRegularizer(FairnessConfig(attributes=cfg.attributes), 4096)
+        apply_lora(model.llm, cfg.lora)
+        fair = FairnessRegularizer(cfg.fair, 4096)
     mark_only_lora_as_trainable(model, extra=("mm_projector",))
     lora_n = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
     proj_n = sum(p.numel() for p in model.mm_projector.parameters())
@@ -643,22 +698,22 @@ def dry_run(cfg):
         "trainable fp32 weights + grads + AdamW (4 copies)": (trainable + dac_n) * 4 * 4,
         # with checkpointing each layer keeps its input; one layer's activations are rebuilt in backward
         "layer inputs kept by checkpointing": L * B * T * H * w,
-        "one layer recomputed (attn + SwiGLU + LoRA paths, flash attention)": B * T * (10 * H + 4 * I + 14 * cfg.lora_r) * w,
+        "one layer recomputed (attn + SwiGLU + LoRA paths, flash attention)": B * T * (10 * H + 4 * I + 14 * cfg.lora.r) * w,
         "logits + their gradient (fp32 for the loss)": 3 * B * T * V * 4,
     }
-    print(f"Vicuna-7B + BiomedCLIP ViT-B/16, LoRA r={cfg.lora_r} on q,k,v,o,gate,up,down")
+    print(f"Vicuna-7B + BiomedCLIP ViT-B/16, LoRA r={cfg.lora.r} on q,k,v,o,gate,up,down")
     print(f"  language model   {sum(p.numel() for p in model.llm.parameters()) - lora_n:>15,}  frozen")
     print(f"  vision tower     {vit_n:>15,}  frozen")
     print(f"  LoRA             {lora_n:>15,}  trainable")
     print(f"  projector        {proj_n:>15,}  trainable")
-    print(f"  DAC (phi)        {dac_n:>15,}  trainable ({', '.join(cfg.attributes)})")
+    print(f"  DAC (phi)        {dac_n:>15,}  trainable ({', '.join(cfg.fair.attributes)})")
     print(f"  total trainable {trainable + dac_n:,} of {trainable + frozen + dac_n:,} "
           f"({100 * (trainable + dac_n) / (trainable + frozen + dac_n):.2f}%)")
     print(f"Estimated memory per GPU at batch {B} x length {T}, {cfg.dtype}, "
           f"{'with' if cfg.grad_checkpointing else 'WITHOUT'} gradient checkpointing:")
     if not cfg.grad_checkpointing:
         mem["layer inputs kept by checkpointing"] = 0
-        mem["all layers' activations (no checkpointing)"] = L * B * T * (10 * H + 4 * I + 14 * cfg.lora_r) * w
+        mem["all layers' activations (no checkpointing)"] = L * B * T * (10 * H + 4 * I + 14 * cfg.lora.r) * w
     for k, v in mem.items():
         print(f"  {k:<70} {v / GB:7.2f} GiB")
     print(f"  {'total (excluding allocator slack and CUDA context, ~1-2 GiB)':<70} {sum(mem.values()) / GB:7.2f} GiB")
@@ -668,17 +723,15 @@ def dry_run(cfg):
 def main(argv=None):
     args, cfg = parse_args(argv)
     if args.dry_run:
-        dry_run(cfg)
-    elif args.demo:
-        import demo
-        demo.run(args, cfg)
-    else:
-        d = setup_distributed()
-        try:
-            train(cfg, d)
-        finally:
-            if d.world > 1:
-                dist.destroy_process_group()
+        return dry_run(cfg)
+    d = setup_distributed()
+    try:
+        train(cfg, d)
+    except (ValueError, FileNotFoundError) as e:  # bad input: one line naming what, no traceback
+        sys.exit(f"train.py: error: {e}")
+    finally:
+        if d.world > 1:
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

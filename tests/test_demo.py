@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 import demo
+from fairness import FairnessConfig
 import evaluate
 from demo import DemoConfig, DemoError
 from train import TrainConfig
@@ -149,33 +150,33 @@ def effective(cfg, method, tmp_path=Path("/nonexistent")):
 
 
 def test_paper_protocol_uses_the_official_lambdas_times_the_scale_and_raw_h():
-    official = TrainConfig().lambdas
+    official = FairnessConfig().lambdas
     cfg = DemoConfig(lambda_scale=0.5, dac_lr=3e-4)
     t = effective(cfg, "fairllava")
     assert t.method == "fairllava"
-    assert t.lambdas == {a: v * 0.5 for a, v in official.items()}
-    assert t.h_norm == "none" and t.dac_lr == 3e-4
-    assert t.dac_steps == TrainConfig().dac_steps and t.dac_memory == TrainConfig().dac_memory  # the paper's step
-    assert effective(DemoConfig(), "fairllava").lambdas == official  # default scale 1
+    assert t.fair.lambdas == {a: v * 0.5 for a, v in official.items()}
+    assert t.fair.h_norm == "none" and t.dac_lr == 3e-4
+    assert t.fair.dac_steps == FairnessConfig().dac_steps and t.fair.dac_memory == FairnessConfig().dac_memory  # the paper's step
+    assert effective(DemoConfig(), "fairllava").fair.lambdas == official  # default scale 1
 
 
 def test_batch_variant_uses_its_own_settings():
-    official, cfg = TrainConfig().lambdas, DemoConfig()
+    official, cfg = FairnessConfig().lambdas, DemoConfig()
     t = effective(cfg, "fairllava_batch")
-    assert t.method == "fairllava" and t.h_norm == "batch"
-    assert (t.dac_lr, t.dac_steps) == (cfg.variant_dac_lr, cfg.variant_dac_steps)
-    assert t.dac_memory == getattr(cfg, "variant_dac_memory", TrainConfig().dac_memory)
-    assert t.lambdas == pytest.approx({a: v * cfg.variant_lambda_scale for a, v in official.items()})
+    assert t.method == "fairllava" and t.fair.h_norm == "batch"
+    assert (t.dac_lr, t.fair.dac_steps) == (cfg.variant_dac_lr, cfg.variant_dac_steps)
+    assert t.fair.dac_memory == getattr(cfg, "variant_dac_memory", FairnessConfig().dac_memory)
+    assert t.fair.lambdas == pytest.approx({a: v * cfg.variant_lambda_scale for a, v in official.items()})
     # --lambda-scale is the paper protocol's; the variant has its own
-    assert effective(DemoConfig(lambda_scale=3.0), "fairllava_batch").lambdas == t.lambdas
-    assert effective(DemoConfig(variant_lambda_scale=0.0), "fairllava_batch").lambdas == dict.fromkeys(official, 0.0)
+    assert effective(DemoConfig(lambda_scale=3.0), "fairllava_batch").fair.lambdas == t.fair.lambdas
+    assert effective(DemoConfig(variant_lambda_scale=0.0), "fairllava_batch").fair.lambdas == dict.fromkeys(official, 0.0)
 
 
 @pytest.mark.parametrize("method", ["lora", "resample", "reweight"])
 def test_baselines_are_plain(method):
     assert demo.method_settings(DemoConfig(lambda_scale=7.0), method) == {"method": method}
     t = effective(DemoConfig(), method)
-    assert t.method == method and t.h_norm == TrainConfig().h_norm
+    assert t.method == method and t.fair.h_norm == FairnessConfig().h_norm
 
 
 def test_every_method_has_a_label_and_the_defaults_are_valid():

@@ -9,7 +9,7 @@ import os
 import socket
 import subprocess
 import sys
-from dataclasses import replace
+from dataclasses import fields, replace
 from pathlib import Path
 
 import pytest
@@ -18,6 +18,8 @@ import torch
 import synthetic
 import train
 from data import load_tokenizer
+from fairness import FairnessConfig
+from lora import LoRAConfig
 from model import Llama, LlamaConfig, VisionConfig, VisionTransformer, save_llama
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -45,7 +47,10 @@ def config(env, out, **kw):
                 num_workers=0, max_length=256, grad_checkpointing=False, lr=1e-3, dac_lr=1e-3, seed=3,
                 warmup_ratio=0.0, log_every=1, save_every=1000)
     base.update(kw)
-    return train.TrainConfig(**base)
+    # the flat names the tests use for the nested LoRA and fairness configs
+    lora = {k[5:]: base.pop(k) for k in [k for k in base if k.startswith("lora_")]}
+    fair = {k: base.pop(k) for k in [k for k in base if k in {f.name for f in fields(FairnessConfig)}]}
+    return train.TrainConfig(**base, lora=LoRAConfig(**lora), fair=FairnessConfig(**fair))
 
 
 def log(out):
@@ -81,17 +86,8 @@ def test_ddp_two_processes_equal_one(env, tmp_path):
     single = tmp_path / "single"
     train.train(config(env, single, max_steps=1, dump_grads=str(tmp_path / "single.pt")), quiet=True)
     cfg = config(env, tmp_path / "ddp", max_steps=2, batch_size=2, dump_grads=str(tmp_path / "ddp.pt"))
-    args = []
-    for k, v in vars(cfg).items():
-        flag = "--" + k.replace("_", "-")
-        if isinstance(v, bool):
-            args.append(flag if v else "--no-" + k.replace("_", "-"))
-        elif isinstance(v, tuple):
-            args += [flag, *map(str, v)]
-        elif isinstance(v, dict):
-            args += [flag, *(f"{a}={b}" for a, b in v.items())]
-        else:
-            args += [flag, str(v)]
+    args = train.to_argv(cfg)
+    assert train.parse_args(args)[1] == cfg  # the command line gives back the same run
     env_vars = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
                         f"--master_port={free_port()}", str(ROOT / "train.py"), *args],
@@ -270,3 +266,26 @@ def test_dry_run_counts(capsys):
     assert "159,907,840" in out
     assert "57,358" in out  # the paper's "~57K" DAC
     assert "6,738,415,616" in out and "GiB" in out
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["--lambdas", "religion=1"], "--lambdas"), (["--lambdas", "race=-1"], "--lambdas"),
+    (["--lambdas", "race"], "--lambdas"), (["--max-steps", "-5"], "--max-steps"), (["--stage", "3"], "--stage"),
+    (["--batch-size", "0"], "--batch-size"), (["--grad-accum", "0"], "--grad-accum"), (["--epochs", "0"], "--epochs"),
+    (["--method", "adversarial"], "--method"), (["--layer", "middle"], "--layer"), (["--h-norm", "z"], "--h-norm"),
+    (["--lr", "nan"], "--lr")])
+def test_bad_flags_are_one_line_naming_the_flag(argv, flag, capsys):
+    with pytest.raises(SystemExit) as e:
+        train.parse_args(argv)
+    assert e.value.code == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("train.py: error:") or "error:" in last
+    assert flag in last, last
+
+
+def test_flags_fill_the_nested_configs_once():
+    _, cfg = train.parse_args(["--lambdas", "race=1", "--lora-r", "8", "--layer", "16", "--h-norm", "batch"])
+    assert cfg.fair.lambdas == {**FairnessConfig().lambdas, "race": 1.0}  # the others keep their default
+    assert cfg.fair.layer == 16 and cfg.fair.h_norm == "batch" and cfg.lora.r == 8
+    assert train.parse_args(train.to_argv(cfg))[1] == cfg
+    assert train.parse_args([])[1] == train.TrainConfig()  # the defaults are the official recipe
