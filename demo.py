@@ -16,8 +16,7 @@ What it does, through the same code and file formats as a real run:
      fairllava        FairLLaVA, the paper's protocol: h raw, one AdamW step of phi per batch
      fairllava_batch  FairLLaVA with h standardised over the batch for phi and DIM (scale-blind),
                       phi fitted 5 times per batch at lr 1e-2 on the batch and the last 512 h,
-                      lambdas x 0.1: settings chosen on the val split (README, "How the variant
-                      was chosen")
+                      lambdas x 0.3: settings chosen on the val split (docs/variant_selection.md)
    Each logs the mechanism on the val split (monitor.jsonl: a fresh probe, phi's accuracy, CLUB,
    the spread of h) and is evaluated on the test split: BLEU, CheXpert-F1 and the benchmark's
    Finding-F1 per group with gaps, ES-M and bootstrap intervals, per-group error rates, the
@@ -90,7 +89,7 @@ class DemoConfig:
     variant_dac_lr: float = field(default=1e-2, metadata=dict(help="fairllava_batch: phi's learning rate"))
     variant_dac_steps: int = field(default=5, metadata=dict(help="fairllava_batch: phi steps per batch"))
     variant_dac_memory: int = field(default=512, metadata=dict(help="fairllava_batch: earlier h phi also fits"))
-    variant_lambda_scale: float = field(default=0.1, metadata=dict(help="fairllava_batch: lambdas x this"))
+    variant_lambda_scale: float = field(default=0.3, metadata=dict(help="fairllava_batch: lambdas x this"))
     study: bool = field(default=False, metadata=dict(help="run the whole study (about 40 minutes)"))
 
 
@@ -527,47 +526,51 @@ def draw_curves(monitors, path, title):
 
 
 def study(cfg, root, pool, paths):
-    """Seeds 0-2 x three methods; lambda x {0, 0.3, 3} for the batch variant (x 1 is the variant
-    itself) on seed 0; LoRA without the shortcut (strength 0) and on decorrelated data (oracle)."""
-    seeds = (0, 1, 2)
+    """Seeds 0-2 x three methods; the batch variant at lambdas x {0, 0.1, 1} of the official ones
+    on seed 0 (x 0.3 is the variant itself; x 0 the lambda = 0 control); LoRA without the shortcut
+    (strength 0) and LoRA trained on decorrelated data (the oracle), on seed 0."""
+    seeds, methods = (0, 1, 2), ("lora", "fairllava", "fairllava_batch")
     no_shortcut = prepare(cfg, root, None, strength=0.0, name="data_strength0")
     oracle = prepare(cfg, root, None, strength=0.0, uniform_train=True, name="data_oracle")
     no_shortcut["base"] = oracle["base"] = paths["base"]
-    methods = ("lora", "fairllava", "fairllava_batch")
-    scales = (0.0, 0.3, 3.0)
     variant = method_settings(cfg, "fairllava_batch")["fair"]
-    lam = lambda s: replace(variant, lambdas={a: v * s for a, v in variant.lambdas.items()})
+    official = FairnessConfig().lambdas
+    scaled = lambda s: {"fair": replace(variant, lambdas={a: v * s for a, v in official.items()})}
+    scales = (0.0, 0.1, 1.0)
     specs = [(paths, s, m, m, {}) for s in seeds for m in methods]
-    specs += [(paths, 0, "fairllava_batch", f"fairllava_batch_x{s:g}", {"fair": lam(s)}) for s in scales]
+    specs += [(paths, 0, "fairllava_batch", f"fairllava_batch_x{s:g}", scaled(s)) for s in scales]
     specs += [(no_shortcut, 0, "lora", "lora_strength0", {}), (oracle, 0, "lora", "lora_oracle", {})]
     results = run_runs(cfg, pool, specs)
-    main = {k: v for k, v in results.items() if k[1] in methods}
-    dose = {0.0: results[(0, "fairllava_batch_x0")], 0.3: results[(0, "fairllava_batch_x0.3")],
-            1.0: results[(0, "fairllava_batch")], 3.0: results[(0, "fairllava_batch_x3")]}
+    dose = {**{s: results[(0, f"fairllava_batch_x{s:g}")] for s in scales},
+            cfg.variant_lambda_scale: results[(0, "fairllava_batch")]}
+    dose = dict(sorted(dose.items()))
     f = lambda r, k: evaluate.headline(r)[k]
     gap = lambda r: r["fairness"]["race"][synthetic.FINDING_F1.name]
-    ctrl = [[name, f"{gap(r)['gap']:.2f} [{gap(r)['ci']['gap'][0]:.2f}, {gap(r)['ci']['gap'][1]:.2f}]",
-             f"{f(r, synthetic.FINDING_F1.name):.2f}"]
-            for name, r in (("LoRA, shortcut (seed 0)", results[(0, "lora")]),
-                            ("LoRA, shortcut_strength 0", results[(0, "lora_strength0")]),
-                            ("LoRA, oracle (decorrelated training data)", results[(0, "lora_oracle")]))]
-    dose_rows = [[f"{s:g}", f"{f(r, 'probe race'):.1f}", f"{gap(r)['gap']:.2f}", f"{f(r, synthetic.FINDING_F1.name):.2f}",
+    interval = lambda r: f"{gap(r)['gap']:.2f} [{gap(r)['ci']['gap'][0]:.2f}, {gap(r)['ci']['gap'][1]:.2f}]"
+    ctrl = [[name, interval(r), f"{f(r, synthetic.FINDING_F1.name):.2f}", f"{f(r, 'probe race'):.1f}"]
+            for name, r in [(f"LoRA, shortcut, seed {s}", results[(s, "lora")]) for s in seeds]
+            + [("LoRA, shortcut_strength 0 (seed 0)", results[(0, "lora_strength0")]),
+               ("LoRA, oracle: decorrelated training data (seed 0)", results[(0, "lora_oracle")])]]
+    dose_rows = [[f"{s:g}", f"{f(r, 'probe race'):.1f}", interval(r), f"{f(r, synthetic.FINDING_F1.name):.2f}",
                   f"{f(r, 'CheXpert-F1 (micro)'):.2f}"] for s, r in dose.items()]
-    extra = ["\n## Controls: is the gap the shortcut's? (seed 0, Δ-FindF1 by race with its 95% bootstrap CI)\n",
-             markdown_table(["run", "Δ-FindF1(R) [95% CI]", "FindF1, whole set"], ctrl),
-             "\n## Dose-response: FairLLaVA (batch-standardised h), lambdas x scale x 0.1 (seed 0)\n",
-             markdown_table(["scale", "probe race", "Δ-FindF1(R)", "FindF1", "CheXpert-F1"], dose_rows),
-             "\nScale 0 is the lambda = 0 control (phi trains, nothing reaches the backbone).\n"]
-    lora0 = results[(0, "lora")]
-    extra += ["lambda = 0 vs LoRA (seed 0): " + ", ".join(
-        f"{k} {f(dose[0.0], k):.2f} vs {f(lora0, k):.2f}" for k in ("Δ-FindF1(R)", "Finding-F1 (shortcut findings)",
-                                                                   "probe race")) + "\n"]
-    draw_lines([("fresh probe: race (test, %)", {"FairLLaVA batch": [(s, f(r, "probe race")) for s, r in dose.items()]}),
-                ("Δ-FindF1 by race", {"FairLLaVA batch": [(s, gap(r)["gap"]) for s, r in dose.items()]}),
-                ("Finding-F1, whole test set", {"FairLLaVA batch": [(s, f(r, synthetic.FINDING_F1.name))
-                                                                    for s, r in dose.items()]})],
-               root / "tradeoff.png", "Fairness-utility trade-off (seed 0)", "lambda scale (x 0.1 x official)")
-    write_report(cfg, root, main, methods, "\n".join(extra))
+    lora_spread = [f(results[(s, "lora")], k) for s in seeds for k in ("Δ-FindF1(R)",)]
+    extra = ["\n## Controls: is the gap the shortcut's? (Δ-FindF1 by race with its 95% bootstrap CI)\n",
+             markdown_table(["run", "Δ-FindF1(R) [95% CI]", "FindF1, whole set", "probe race"], ctrl),
+             "\n## Dose-response: FairLLaVA (batch-standardised h), lambdas x scale of the official ones (seed 0)\n",
+             markdown_table(["scale", "probe race", "Δ-FindF1(R) [95% CI]", "FindF1", "CheXpert-F1"], dose_rows),
+             f"\nScale {cfg.variant_lambda_scale:g} is the variant of the main table; scale 0 is the lambda = 0 control "
+             "(phi trains, nothing reaches the backbone).\n",
+             "lambda = 0 vs LoRA (seed 0): " + ", ".join(
+                 f"{k} {f(dose[0.0], k):.2f} vs {f(results[(0, 'lora')], k):.2f}"
+                 for k in ("Δ-FindF1(R)", synthetic.FINDING_F1.name, "CheXpert-F1 (micro)", "probe race"))
+             + f"; LoRA's Δ-FindF1(R) over seeds 0-2: {', '.join(f'{v:.2f}' for v in lora_spread)}.\n"]
+    draw_lines([(title, {"FairLLaVA, batch-standardised h": [(s, fn(r)) for s, r in dose.items()],
+                         "LoRA (seed 0)": [(s, fn(results[(0, "lora")])) for s in dose]})
+                for title, fn in (("fresh probe: race (test, %)", lambda r: f(r, "probe race")),
+                                  ("gap in Finding-F1 by race", lambda r: gap(r)["gap"]),
+                                  ("Finding-F1, whole test set", lambda r: f(r, synthetic.FINDING_F1.name)))],
+               root / "tradeoff.png", "Fairness-utility trade-off (seed 0)", "lambdas x scale (official 0.2 / 0.6 / 0.1)")
+    write_report(cfg, root, {k: v for k, v in results.items() if k[1] in methods}, methods, "\n".join(extra))
 
 
 def main(argv=None):

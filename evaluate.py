@@ -49,7 +49,7 @@ from tqdm import tqdm
 import metrics
 from data import (ATTRIBUTES, DATASETS, UNKNOWN, ImageProcessor, ReportDataset, collate, conversation_prompt, load_image,
                   load_tokenizer, read_llava_json, tokenize_with_image)
-from fairness import fit_linear_probe, pool_hidden, token_mask
+from fairness import FairnessConfig, fit_linear_probe, pool_hidden, token_mask
 from lora import load_peft_adapter, merge_lora
 from model import generate, load_llava
 
@@ -278,6 +278,20 @@ def pooled_features(model, tokenizer, image_processor, records, layer="mid", tok
         h, _ = pool_hidden(out.hidden, mask, layer=layer)  # (B, H)
         feats.append(h.cpu())
     return torch.cat(feats)
+
+
+def probe_pooling(adapter):
+    """(layer, tokens) the probe pools h with: those the run recorded in config.json beside its
+    adapter folder (train.py writes it), else FairnessConfig's defaults (mid layer, image tokens)."""
+    defaults = FairnessConfig()
+    config = Path(adapter).parent / "config.json" if adapter else None
+    if config is None or not config.is_file():
+        return defaults.layer, defaults.tokens
+    try:
+        fair = json.loads(config.read_text())["fair"]
+        return fair["layer"], fair["tokens"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ValueError(f"{config}: expected train.py's config with fair.layer and fair.tokens ({e!r})") from None
 
 
 def attribute_probe(model, tokenizer, image_processor, train_records, test_records, layer="mid", tokens="image",
@@ -548,8 +562,9 @@ def main(argv=None):
         title = args.title or (Path(args.adapter).parent.name if args.adapter else Path(args.llm).name)
         if args.probe_train_json:
             train = read_llava_json(args.probe_train_json, args.dataset, args.image_root)
-            probe = attribute_probe(model, tokenizer, processor, train, records, max_train=args.probe_max_train,
-                                    attributes=attributes, batch_size=args.batch_size)
+            layer, tokens = probe_pooling(args.adapter)
+            probe = attribute_probe(model, tokenizer, processor, train, records, layer, tokens,
+                                    max_train=args.probe_max_train, attributes=attributes, batch_size=args.batch_size)
     results = score(predictions, records, attributes, args.dataset, args.n_resamples, args.seed,
                     args.min_group_size, args.m_all)
     if probe is not None:

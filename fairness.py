@@ -14,8 +14,8 @@ The DIM term is the categorical CLUB upper bound on the mutual information I(h; 
 variational posterior q(a | h). Minimising it removes what a linear read-out of h can tell about
 the patient's race, age or gender.
 
-This file depends on torch only. It works on the list of hidden states and the token masks the
-model returns (LlavaOutput.hidden / .image_mask / .attention_mask / .labels). Use from train.py:
+This file needs torch, and data.py / model.py for two constants (attribute codes, IGNORE_INDEX).
+It works on the list of hidden states and the token masks the model returns (LlavaOutput.hidden / .image_mask / .attention_mask / .labels). Use from train.py:
 
     fair = FairnessRegularizer(FairnessConfig(), hidden_size=4096).to(device)
     dac_opt = torch.optim.AdamW(fair.parameters(), lr=1e-4, weight_decay=0.0)
@@ -37,10 +37,13 @@ What is followed, and the official code's variants (offered as options):
 - Penalty: official = smooth |CLUB| = sqrt(CLUB^2 + 1e-6); original CLUB = CLUB itself.
 - Protocol: the paper's alternating step (phi updated first, then frozen for L_DIM), or the official
   single optimizer step with both terms kept apart by stop-gradients.
-A caveat the tests make visible: DIM removes only what the current phi can read. If phi lags the
-backbone, the backbone can learn to fool that phi instead of dropping the attribute (the usual
-failure of adversarial games), and a fresh probe still reads it. Keep phi close to its best
-response: `dac_steps` > 1, a larger phi learning rate, or LBFGS as the phi optimizer.
+A caveat the tests and the demo's curves make visible: DIM removes only what the current phi can
+read. If phi lags the backbone, the backbone can fool that phi instead of dropping the attribute
+(the usual failure of adversarial games): with raw h it shrinks and turns h against phi's current
+weights, phi sits at chance, CLUB ~ 0, and a fresh probe still reads the attribute. Options that
+keep phi closer to its best response (not in the paper): a scale-blind view of h (`h_norm`), more
+phi steps per batch (`dac_steps`), a larger phi learning rate, and a memory of earlier batches'
+h for phi to fit (`dac_memory`). `leak_report` measures all of it on held-out data.
 Left out: any non-linear leak a linear phi cannot see stays in h; with DDP each rank keeps its own
 phi unless the caller wraps it.
 """

@@ -803,4 +803,4 @@ if __name__ == "__main__":
     for p, o in zip(prompts, out):
         print(f"  prompt {p} -> {o}")
     print(f"done in {time.time() - t0:.2f}s (random weights: the tokens are meaningless; "
-          f"`python train.py --demo` trains and evaluates a real tiny model)")
+          f"`python demo.py` trains and evaluates a real tiny model)")

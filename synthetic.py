@@ -208,7 +208,7 @@ def render(seed, cfg, race, age, male, f, trace_race=None):
     if f["opacity"]:  # a faint focal blob in one lobe
         cx = (-0.42 if f["opacity"].startswith("right") else 0.42) + rng.normal(0, 0.05)
         cy = (-0.3 if "upper" in f["opacity"] else 0.25) + rng.normal(0, 0.05)
-        img += rng.uniform(0.08, 0.14) * np.exp(-((x - cx) ** 2 + (y - cy) ** 2) / (2 * 0.12 ** 2)) * lungs
+        img += rng.uniform(0.12, 0.18) * np.exp(-((x - cx) ** 2 + (y - cy) ** 2) / (2 * 0.18 ** 2)) * lungs
     if "pacemaker" in f["devices"]:  # devices: clearly visible (the control finding)
         img += 0.55 * blob(0.55, -0.62, 0.09, 0.06, 0.02) + 0.3 * line((0.55, -0.62), (0.12, 0.3))
     if "central line" in f["devices"]:

@@ -11,7 +11,7 @@ of four methods:
              attribute classifier phi is fitted on stop-gradient hidden states, then, frozen, it
              scores the CLUB mutual-information bound that LoRA + projector minimise.
 
-    python train.py --demo                        # the whole story on the synthetic benchmark (CPU)
+    python demo.py                                # the whole story on the synthetic benchmark (CPU)
     python train.py --stage 2 --method fairllava --llm lmsys/vicuna-7b-v1.5 ...   # real run
     torchrun --nproc_per_node=8 train.py ...      # the official 8-GPU setting
     python train.py --dry-run                     # 7B parameter counts and memory estimate

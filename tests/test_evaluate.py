@@ -354,3 +354,19 @@ def test_probe_reads_a_planted_attribute_and_skips_unknown_labels(bench):
     assert g["n_train"] == 23  # the max_train subset
     assert g["accuracy"] >= 90.0  # the image shows the gender, and h keeps it
     assert out["age"]["n_train"] <= 23 and out["age"]["chance"] == pytest.approx(100 * 4 / 12)
+
+
+def test_the_probe_pools_as_the_run_recorded(tmp_path):
+    from dataclasses import asdict
+
+    import train
+    from fairness import FairnessConfig
+    assert E.probe_pooling(None) == ("mid", "image")
+    run = tmp_path / "run"
+    (run / "adapter").mkdir(parents=True)
+    cfg = train.TrainConfig(fair=FairnessConfig(layer=3, tokens="answer"))
+    (run / "config.json").write_text(json.dumps(asdict(cfg)))
+    assert E.probe_pooling(str(run / "adapter")) == (3, "answer")
+    (run / "config.json").write_text("{}")
+    with pytest.raises(ValueError, match="config.json"):
+        E.probe_pooling(str(run / "adapter"))
