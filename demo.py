@@ -135,15 +135,27 @@ def say(msg):
 # config-keyed folders: reuse what was made with the same settings, refuse what was not
 
 
-def unit(folder, key, overwrite):
-    """True when `folder` is complete and was made with `key` (a JSON-able dict): reuse it. A
-    folder made with other settings is refused (DemoError naming the fields), or removed with
-    --overwrite; an unfinished one is removed. False: the caller makes it, then calls done()."""
+def portable(key, root):
+    """`key` with every path under `root` written relative to it ("$DIR/..."), so that a copy of
+    a --dir is reused as it stands (README, "Experiments to try")."""
+    root = str(root).rstrip("/") + "/"
+    if isinstance(key, dict):
+        return {k: portable(v, root) for k, v in key.items()}
+    if isinstance(key, (list, tuple)):
+        return [portable(v, root) for v in key]
+    return "$DIR/" + key[len(root):] if isinstance(key, str) and key.startswith(root) else key
+
+
+def unit(folder, key, overwrite, root=None):
+    """True when `folder` is complete and was made with `key` (a JSON-able dict; paths under `root`
+    compared relative to it): reuse it. A folder made with other settings is refused (DemoError
+    naming the fields), or removed with --overwrite; an unfinished one is removed. False: the
+    caller makes it, then calls done() with the same key."""
     folder = Path(folder)
     stamp = folder / "demo_key.json"
     if stamp.is_file():
         old = json.loads(stamp.read_text())
-        key = json.loads(json.dumps(key))  # tuples -> lists, as they were stored
+        key = json.loads(json.dumps(portable(key, root) if root is not None else key))  # tuples -> lists
         if old == key:
             return True
         diff = sorted(k for k in set(old) | set(key) if old.get(k) != key.get(k))
@@ -155,8 +167,8 @@ def unit(folder, key, overwrite):
     return False
 
 
-def done(folder, key):
-    (Path(folder) / "demo_key.json").write_text(json.dumps(key, indent=1))
+def done(folder, key, root=None):
+    (Path(folder) / "demo_key.json").write_text(json.dumps(portable(key, root) if root is not None else key, indent=1))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -271,13 +283,13 @@ def run_unit(tcfg, name, overwrite):
     """Train one stage (in a worker): skipped when the folder holds a finished run of the same settings."""
     torch.set_num_threads(1)  # tiny tensors: one thread each, two processes side by side
     out = Path(tcfg.out)
-    key = asdict(tcfg)
-    if unit(out, key, overwrite):
+    key, root = asdict(tcfg), out.parent.parent  # out = DIR/seedS/NAME
+    if unit(out, key, overwrite, root):
         say(f"{name}: reused {out}")
         return
     t = time.time()
     train(tcfg, quiet=True, progress=_progress(name))
-    done(out, key)
+    done(out, key, root)
     say(f"{name}: trained in {time.time() - t:.0f}s")
 
 
@@ -287,7 +299,8 @@ def evaluate_unit(tcfg, paths, name, overwrite):
     run = Path(tcfg.out)
     out = run / "eval"
     key = {"run": asdict(tcfg), "test": str(paths["data"] / "test.json"), "max_new_tokens": 96, "n_resamples": 200}
-    if unit(out, key, overwrite):
+    root = run.parent.parent
+    if unit(out, key, overwrite, root):
         return json.loads((out / "results.json").read_text())
     t = time.time()
     base = paths["base"]
@@ -307,7 +320,7 @@ def evaluate_unit(tcfg, paths, name, overwrite):
     res["error_rates"] = synthetic.error_rates(preds["test"], splits["test"][1])
     res["swap"] = synthetic.swap_flips(preds["test"], preds["swap"], splits["swap"][1])
     evaluate.write_outputs(res, out, title=name)
-    done(out, key)
+    done(out, key, root)
     say(f"{name}: evaluated in {time.time() - t:.0f}s")
     return res
 

@@ -270,3 +270,19 @@ def test_write_report_tables_summary_and_curves(tmp_path, capsys):
     assert summary["config"]["seeds"] == [0, 1]
     assert Image.open(tmp_path / "curves.png").format == "PNG"
     assert "results.md" in capsys.readouterr().out
+
+
+def test_a_copied_dir_is_reused_as_it_stands(tmp_path):
+    """Keys with paths under the --dir compare relative to it: a copy of runs/demo is reused."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    key = {"out": str(a / "seed0" / "lora"), "train_json": str(a / "data" / "train.json"), "other": "/elsewhere/x"}
+    (a / "seed0" / "lora").mkdir(parents=True)
+    demo.done(a / "seed0" / "lora", key, a)
+    stored = json.loads((a / "seed0" / "lora" / "demo_key.json").read_text())
+    assert stored["out"] == "$DIR/seed0/lora" and stored["other"] == "/elsewhere/x"
+    import shutil
+    shutil.copytree(a, b)
+    moved = {"out": str(b / "seed0" / "lora"), "train_json": str(b / "data" / "train.json"), "other": "/elsewhere/x"}
+    assert demo.unit(b / "seed0" / "lora", moved, False, b) is True
+    with pytest.raises(DemoError, match="other"):
+        demo.unit(b / "seed0" / "lora", {**moved, "other": "/elsewhere/y"}, False, b)
