@@ -14,7 +14,6 @@ import demo
 from fairness import FairnessConfig
 import evaluate
 from demo import DemoConfig, DemoError
-from train import TrainConfig
 
 
 # ----------------------------------------------------------------------------------------------
