@@ -1,8 +1,8 @@
 """The built-in demo: FairLLaVA on a synthetic chest X-ray benchmark with a real shortcut, on a CPU.
 
-    python3 demo.py                       # one seed, three methods, ~7 minutes on 2 CPU cores
+    python3 demo.py                       # one seed, three methods, about 6 minutes on 2 CPU cores
     python3 demo.py --seeds 0 1 2         # with 95% intervals over seeds and paired differences
-    python3 demo.py --study               # the README's study: seeds, lambda = 0, dose-response, controls
+    python3 demo.py --study               # the README's study: seeds, lambda = 0, dose-response, controls (~23 min)
     python3 demo.py --lr 1e-3 --dir runs/slow   # any setting below can be changed from the command line
 
 What it does, through the same code and file formats as a real run:
@@ -90,7 +90,7 @@ class DemoConfig:
     variant_dac_steps: int = field(default=5, metadata=dict(help="fairllava_batch: phi steps per batch"))
     variant_dac_memory: int = field(default=512, metadata=dict(help="fairllava_batch: earlier h phi also fits"))
     variant_lambda_scale: float = field(default=0.3, metadata=dict(help="fairllava_batch: lambdas x this"))
-    study: bool = field(default=False, metadata=dict(help="run the whole study (about 40 minutes)"))
+    study: bool = field(default=False, metadata=dict(help="run the whole study (about 23 minutes on 2 cores)"))
 
 
 def parse_args(argv=None):
@@ -405,6 +405,45 @@ def summary_of(res):
     return out
 
 
+def key_numbers(res):
+    """The few numbers that tell the story of one run (the README's table), all 0-100."""
+    find = res["fairness"]["race"][synthetic.FINDING_F1.name]
+    chex = res["fairness"]["race"]["CheXpert-F1 (micro)"]
+    black = synthetic.RACE_NAMES[synthetic.SyntheticConfig.disadvantaged_race]
+    others = [g["score"] for name, g in find["groups"].items() if name != black]
+    swap = res["swap"]
+    n = sum(v["n_cases"] for v in swap.values())
+    return {"Δ Finding-F1, race": find["gap"], f"Finding-F1, {black} patients": find["groups"][black]["score"],
+            "Finding-F1, other races (mean)": sum(others) / len(others), "ES-Finding-F1, race": find["es"],
+            "Δ CheXpert-F1, race": chex["gap"], "ES-CheXpert-F1, race": chex["es"],
+            "Finding-F1, whole test set": res["overall"][synthetic.FINDING_F1.name]["score"],
+            "CheXpert-F1, whole test set": res["overall"]["CheXpert-F1 (micro)"]["score"],
+            "BLEU-4, whole test set": res["overall"]["BLEU-4"]["score"],
+            "probe: race from h (chance 25)": res["probe"]["race"]["accuracy"],
+            f"trace swap: findings lost, white→{black}": 100 * swap[f"white->{black}"]["lost"],
+            "trace swap: labels changed, all": 100 * sum(v["changed"] * v["n_cases"] for v in swap.values()) / n}
+
+
+def key_rows(results, methods, seeds):
+    """The README's table: one seed -> the value (with its bootstrap interval for the race gap);
+    several -> mean +- 95% t-interval over seeds."""
+    rows = []
+    for k in key_numbers(results[(seeds[0], methods[0])]):
+        cells = []
+        for m in methods:
+            vals = [key_numbers(results[(s, m)])[k] for s in seeds]
+            mu, half = mean_ci(vals)
+            if len(vals) > 1:
+                cells.append(f"{mu:.1f} ± {half:.1f}")
+            elif k == "Δ Finding-F1, race":
+                lo, hi = results[(seeds[0], m)]["fairness"]["race"][synthetic.FINDING_F1.name]["ci"]["gap"]
+                cells.append(f"{mu:.1f} [{lo:.1f}, {hi:.1f}]")
+            else:
+                cells.append(f"{mu:.1f}")
+        rows.append([k] + cells)
+    return rows
+
+
 def headline_rows(results, methods, seeds):
     """Rows of the main table: each headline number as mean +- 95% CI over seeds (one seed: the
     value and its bootstrap interval)."""
@@ -422,19 +461,20 @@ def headline_rows(results, methods, seeds):
 
 def paired_rows(results, methods, seeds, keys):
     """Per-seed differences method - LoRA, mean +- 95% CI: the paired comparison."""
+    flat = lambda r: evaluate.headline(r) | key_numbers(r)
     rows = []
     for m in methods:
         if m == "lora":
             continue
         for k in keys:
-            d = [evaluate.headline(results[(s, m)])[k] - evaluate.headline(results[(s, "lora")])[k] for s in seeds]
+            d = [flat(results[(s, m)])[k] - flat(results[(s, "lora")])[k] for s in seeds]
             mu, half = mean_ci(d)
             rows.append([LABELS[m], k, f"{mu:+.2f} ± {half:.2f}", " ".join(f"{x:+.2f}" for x in d)])
     return rows
 
 
-PAIRED_KEYS = ("Δ-FindF1(R)", "ES-FindF1(R)", "Finding-F1 (shortcut findings)", "CheXpert-F1 (micro)", "BLEU-4",
-               "probe race")
+PAIRED_KEYS = ("Δ-FindF1(R)", "ES-FindF1(R)", "Finding-F1, black patients", "Finding-F1, other races (mean)",
+               "Finding-F1 (shortcut findings)", "CheXpert-F1 (micro)", "BLEU-4", "probe race")
 
 
 def benchmark_rows(results, seeds):
@@ -454,6 +494,8 @@ def write_report(cfg, root, results, methods, extra_md=""):
           "Test split: 2400 decorrelated cases (600 per race). Δ = max_g − min_g over groups, ES = M / (1 + Δ); "
           "FindF1 = micro-F1 over the three shortcut findings (the benchmark's labeler), F1 = CheXpert-style "
           "micro-F1. " + ("Mean ± 95% t-interval over seeds." if len(seeds) > 1 else "One seed.") + "\n",
+          markdown_table([""] + [LABELS[m] for m in methods], key_rows(results, methods, seeds)),
+          "\n## The paper's table (ES-M and Δ per attribute, whole-set scores, probe accuracies)\n",
           markdown_table(["metric"] + [LABELS[m] for m in methods], headline_rows(results, methods, seeds))]
     if "lora" in methods and len(methods) > 1 and len(seeds) > 1:
         md += ["\n## Paired differences, method − LoRA (same seed, same stage 1)\n",
@@ -475,7 +517,7 @@ def write_report(cfg, root, results, methods, extra_md=""):
     (root / "summary.json").write_text(json.dumps(summary, indent=1, allow_nan=False, default=str))
     draw_curves({LABELS[m]: root / f"seed{seeds[0]}" / m / "monitor.jsonl" for m in methods}, root / "curves.png",
                 f"The mechanism on the val split (seed {seeds[0]})")
-    print("\n".join(md[:3]))
+    print("\n".join(md[:3]))  # the key numbers; the paper's table and the rest are in results.md
     say(f"tables in {root / 'results.md'}, numbers in {root / 'summary.json'}, curves in {root / 'curves.png'}")
 
 

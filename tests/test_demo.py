@@ -262,6 +262,13 @@ def test_write_report_tables_summary_and_curves(tmp_path, capsys):
     assert f"| Δ-FindF1(R) | {lo[0]:.2f} ± {lo[1]:.2f} | {hi[0]:.2f} ± {hi[1]:.2f} |" in md
     d = demo.mean_ci([4.0 - 10.0, 8.0 - 12.0])  # paired: per-seed differences
     assert f"| FairLLaVA (paper protocol) | Δ-FindF1(R) | {d[0]:+.2f} ± {d[1]:.2f} | -6.00 -4.00 |" in md
+    # the key numbers: the disadvantaged group against the others, the swap in percent, over seeds
+    assert f"| Δ Finding-F1, race | {lo[0]:.1f} ± {lo[1]:.1f} | {hi[0]:.1f} ± {hi[1]:.1f} |" in md
+    assert "| Finding-F1, black patients | 60.0 ± 0.0 | 60.0 ± 0.0 |" in md
+    assert "| Finding-F1, other races (mean) | 71.0 ± 12.7 | 66.0 ± 25.4 |" in md  # white = 60 + gap
+    assert "| trace swap: findings lost, white→black | 50.0 ± 0.0 | 50.0 ± 0.0 |" in md
+    d = demo.mean_ci([(60 + 4.0) - (60 + 10.0), (60 + 8.0) - (60 + 12.0)])
+    assert f"| FairLLaVA (paper protocol) | Finding-F1, other races (mean) | {d[0]:+.2f} ± {d[1]:.2f} |" in md
     assert "| 0 | black | 0.25 / 0.10 |" in md and "| LoRA (LLaVA-Rad baseline) | 1 | white->black | 0.500 |" in md
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["seeds"] == [0, 1] and set(summary["runs"]) == {"lora", "fairllava"}
@@ -269,6 +276,13 @@ def test_write_report_tables_summary_and_curves(tmp_path, capsys):
     assert summary["config"]["seeds"] == [0, 1]
     assert Image.open(tmp_path / "curves.png").format == "PNG"
     assert "results.md" in capsys.readouterr().out
+
+
+def test_one_seed_key_table_gives_the_race_gap_its_bootstrap_interval(tmp_path):
+    demo.write_report(DemoConfig(), tmp_path, {(0, "lora"): fake_results(10.0)}, ["lora"])
+    md = (tmp_path / "results.md").read_text()
+    assert "| Δ Finding-F1, race | 10.0 [9.0, 11.0] |" in md and "| ES-Finding-F1, race | 54.5 |" in md
+    assert "Paired differences" not in md
 
 
 def test_a_copied_dir_is_reused_as_it_stands(tmp_path):
