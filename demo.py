@@ -1,6 +1,6 @@
 """The built-in demo: FairLLaVA on a synthetic chest X-ray benchmark with a real shortcut, on a CPU.
 
-    python3 demo.py                       # one seed, three methods, about 6 minutes on 2 CPU cores
+    python3 demo.py                       # one seed, three methods, about 7 minutes on 2 CPU cores
     python3 demo.py --seeds 0 1 2         # with 95% intervals over seeds and paired differences
     python3 demo.py --study               # the README's study: seeds, lambda = 0, dose-response, controls (~23 min)
     python3 demo.py --lr 1e-3 --dir runs/slow   # any setting below can be changed from the command line
