@@ -478,7 +478,15 @@ def es_metric(m_all: float, group_scores: Sequence[float] | dict) -> dict[str, f
     >>> es_metric(42.0, {"F": 40.0, "M": 44.0})
     {'gap': 4.0, 'es': 8.4}
     """
-    scores = list(group_scores.values()) if isinstance(group_scores, dict) else list(group_scores)
+    named = group_scores.items() if isinstance(group_scores, dict) else enumerate(group_scores)
+    scores = []
+    for name, v in named:
+        # max/min over a NaN depend on where it sits, so a NaN would give an order-dependent gap
+        if not math.isfinite(v):
+            raise ValueError(f"es_metric: the score of group {name!r} is {v}; leave the group out or fix its score")
+        scores.append(float(v))
+    if not math.isfinite(m_all):
+        raise ValueError(f"es_metric: M_all is {m_all}")
     if len(scores) < 2:
         raise ValueError(f"a gap needs at least two groups, got {len(scores)}")
     gap = max(scores) - min(scores)
@@ -565,7 +573,8 @@ def _fairness_report_for(score, n, name, attribute, groups, min_group_size, m_al
     if len(eligible) < 2:
         raise ValueError(
             f"attribute {attribute!r}: fewer than two groups with at least {min_group_size} samples "
-            f"(sizes {dict(zip(names, sizes.tolist()))}); lower min_group_size to compare them"
+            f"(sizes {dict(zip(names, sizes.tolist()))}); lower min_group_size (evaluate.py --min-group-size) "
+            "to compare them"
         )
 
     def evaluate(idx: np.ndarray) -> dict:

@@ -383,6 +383,19 @@ def test_es_metric_uniformly_poor_does_not_score_well():
     assert good["es"] > poor["es"] and good["gap"] > poor["gap"]
 
 
+@pytest.mark.parametrize("scores, name", [([math.nan, 40.0], "0"), ([40.0, math.nan], "1"),
+                                           ({"F": 40.0, "M": math.inf}, "'M'")])
+def test_es_metric_refuses_a_nan_group_whatever_its_place(scores, name):
+    # max/min over a NaN depend on its position: [nan, 40] and [40, nan] once gave different gaps
+    with pytest.raises(ValueError, match=f"group {name} is"):
+        M.es_metric(50.0, scores)
+
+
+def test_es_metric_refuses_a_nan_m_all():
+    with pytest.raises(ValueError, match="M_all is nan"):
+        M.es_metric(math.nan, [40.0, 41.0])
+
+
 def test_es_metric_needs_two_groups():
     with pytest.raises(ValueError, match="at least two groups"):
         M.es_metric(10.0, [10.0])
