@@ -18,6 +18,7 @@ The synthetic chest X-ray benchmark of the demo (real MIMIC-CXR needs credential
 synthetic.py and writes this same MIMIC JSON format.
 
     python data.py --check runs/demo/data/train.json --dataset mimic   # validate, print group counts
+    python data.py --check train.json --decode     # also decode every image (finds truncated files)
     python data.py --convert ham HAM10000_metadata.csv ham.json        # metadata CSV -> LLaVA JSON
 """
 
@@ -67,7 +68,7 @@ def encode_race(value, unknown_race="class"):
     if key in ("unknown", "declined", ""):
         return RACE_UNKNOWN if unknown_race == "class" else UNKNOWN
     if key not in RACES:
-        raise ValueError(f"unknown race {value!r}; expected one of {RACES[:7]} or unknown/declined/''")
+        raise ValueError(f"unknown race {short(value)}; expected one of {RACES[:7]} or unknown/declined/''")
     return RACES.index(key)
 
 
@@ -77,7 +78,7 @@ def encode_gender(value):
         return 0
     if key in ("f", "female"):
         return 1
-    raise ValueError(f"unknown gender {value!r}; expected M/F or male/female")
+    raise ValueError(f"unknown gender {short(value)}; expected M/F or male/female")
 
 
 def age_group(years, cutoffs="mimic"):
@@ -86,9 +87,9 @@ def age_group(years, cutoffs="mimic"):
     try:
         age = float(years)
     except (TypeError, ValueError):
-        raise ValueError(f"age {years!r} is not a number") from None
+        raise ValueError(f"age {short(years)} is not a number") from None
     if not 0 <= age < 150:  # also catches NaN, which pandas writes for an empty cell
-        raise ValueError(f"age {years!r} is out of range")
+        raise ValueError(f"age {short(years)} is out of range")
     if cutoffs == "ham":
         return 0 if age < 45 else 1 if age < 66 else 2
     return 0 if age <= 44 else 1 if age <= 65 else 2
@@ -97,7 +98,7 @@ def age_group(years, cutoffs="mimic"):
 def encode_age_group(value):
     """MIMIC's precomputed anchor_age_group (0, 1 or 2)."""
     if str(value).strip() not in ("0", "1", "2"):
-        raise ValueError(f"age group {value!r} is not 0, 1 or 2")
+        raise ValueError(f"age group {short(value)} is not 0, 1 or 2")
     return int(value)
 
 
@@ -134,6 +135,35 @@ DATASETS = {
 
 class DataError(ValueError):
     """A bad data item; the message names the file, the item id and the field."""
+
+
+def short(value, limit=80):
+    """repr(value) cut to `limit` characters: an error message echoes what it got, never a whole file."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def read_json(path, what="JSON"):
+    """Parse a JSON file; a bad file is a DataError naming it (and the line and column of the
+    problem), never a bare JSONDecodeError. `what` says what the file should hold."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text (byte {e.start}); expected {what}") from None
+    except IsADirectoryError:
+        raise DataError(f"{path}: is a folder; expected a file with {what}") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}: not valid JSON at line {e.lineno} column {e.colno}: {e.msg}"
+                        f"{_jsonl_hint(text, e)}; expected {what}") from None
+
+
+def _jsonl_hint(text, e):
+    # A JSON Lines file (one object per line) fails on its second line with "Extra data".
+    if e.msg == "Extra data" and e.lineno > 1:
+        return " (it looks like JSON Lines, one object per line, not one JSON document)"
+    return ""
 
 
 class _Bad(Exception):
@@ -209,10 +239,9 @@ def read_llava_json(path, dataset="mimic", image_root=None, on_error="raise", ch
         raise ValueError(f"unknown dataset {dataset!r}; choose from {sorted(DATASETS)}")
     if on_error not in ("raise", "skip") or unknown_race not in ("class", "mask"):
         raise ValueError(f"on_error must be raise|skip and unknown_race class|mask, got {on_error!r}, {unknown_race!r}")
-    with open(path) as f:
-        items = json.load(f)
+    items = read_json(path, "a JSON list of LLaVA items")
     if not isinstance(items, list):
-        raise DataError(f"{path}: expected a JSON list of items, got {type(items).__name__}")
+        raise DataError(f"{path}: expected a JSON list of items, got a JSON {type(items).__name__}")
     root = Path(image_root) if image_root is not None else Path(path).parent
     records, seen, skipped, first = [], set(), Counter(), None
     for n, item in enumerate(items):
@@ -230,7 +259,7 @@ def read_llava_json(path, dataset="mimic", image_root=None, on_error="raise", ch
             if check_images:
                 _open_image(image, decode_images)
         except _Bad as e:
-            msg = f"{path}: item {item_id!r}: field {e.field!r}: {e.problem}"
+            msg = f"{path}: item {short(item_id)}: field {e.field!r}: {e.problem}"
             if on_error == "raise":
                 raise DataError(msg) from None
             skipped[e.field] += 1
@@ -249,9 +278,15 @@ def read_llava_json(path, dataset="mimic", image_root=None, on_error="raise", ch
 # findings, all demographics present)
 
 
-def _convert(csv_path, out_path, make_item):
-    with open(csv_path, newline="") as f:
-        rows = list(csv.DictReader(f))
+def _convert(csv_path, out_path, make_item, columns):
+    """Rows of csv_path -> make_item -> a LLaVA JSON list in out_path. `columns`: the header names
+    the converter needs, each a name or a tuple of alternatives (one of them is enough). A CSV
+    without them is refused before anything is written: a wrong file must not come out as
+    "wrote 0 of N rows"."""
+    with open(csv_path, newline="", encoding="utf-8-sig") as f:  # utf-8-sig: Excel's BOM
+        reader = csv.DictReader(f)
+        _check_columns(csv_path, reader.fieldnames or [], columns)
+        rows = list(reader)
     items, dropped = [], Counter()
     for row in rows:
         item = make_item({k: (v or "").strip() for k, v in row.items() if k is not None})
@@ -259,11 +294,21 @@ def _convert(csv_path, out_path, make_item):
             dropped[item] += 1
         else:
             items.append(item)
+    why = ", ".join(f"{k} {v}" for k, v in dropped.most_common()) or "none"
+    if not items:
+        raise DataError(f"{csv_path}: none of its {len(rows)} rows is usable (dropped: {why}); nothing written")
     with open(out_path, "w") as f:
         json.dump(items, f, indent=1)
-    why = ", ".join(f"{k} {v}" for k, v in dropped.most_common()) or "none"
     print(f"{csv_path}: wrote {len(items)} of {len(rows)} rows to {out_path} (dropped: {why})")
     return items
+
+
+def _check_columns(csv_path, header, columns):
+    missing = [c if isinstance(c, str) else " or ".join(c) for c in columns
+               if not set((c,) if isinstance(c, str) else c) & set(header)]
+    if missing:
+        found = short(", ".join(header), 120) if header else "no header row"
+        raise DataError(f"{csv_path}: missing column(s) {'; '.join(missing)} (found: {found})")
 
 
 def _item(item_id, image, question, answer, **fields):
@@ -284,11 +329,14 @@ def mimic_csv_to_json(csv_path, out_path):
             age, _ = age_group(r.get("anchor_age")), encode_gender(r.get("gender"))
         except ValueError:
             return "demographics"
-        sid = r["subject_id"]
-        path = r.get("path") or f"files/p{sid[:2]}/p{sid}/s{r['study_id']}/{r['dicom_id']}.jpg"
+        sid, study = r.get("subject_id"), r.get("study_id")
+        if not (r.get("path") or (sid and study)):
+            return "no path"
+        path = r.get("path") or f"files/p{sid[:2]}/p{sid}/s{study}/{r['dicom_id']}.jpg"
         return _item(r["dicom_id"], path, mimic_question(r.get("indication")), r["findings"],
                      anchor_age_group=age, gender=r["gender"].upper()[0], race_major=race_major(r.get("race")))
-    return _convert(csv_path, out_path, make)
+    return _convert(csv_path, out_path, make, ["dicom_id", ("path", "subject_id"), ("path", "study_id"),
+                                                "ViewPosition", "findings", "anchor_age", "gender", "race"])
 
 
 def padchest_csv_to_json(csv_path, out_path):
@@ -308,7 +356,8 @@ def padchest_csv_to_json(csv_path, out_path):
         image = f"{r['ImageDir']}/{r['ImageID']}" if r.get("ImageDir") else r["ImageID"]
         return _item(r["ImageID"], image, mimic_question(r.get("INDICATION")), r["FINDINGS"],
                      Age=float(age), gender=gender, FINDINGS=r["FINDINGS"], INDICATION=r.get("INDICATION", ""))
-    return _convert(csv_path, out_path, make)
+    return _convert(csv_path, out_path, make, ["ImageID", "FINDINGS", ("Age", "PatientBirth"),
+                                                ("Age", "StudyDate_DICOM"), ("gender", "PatientSex_DICOM")])
 
 
 def ham_csv_to_json(csv_path, out_path):
@@ -324,7 +373,7 @@ def ham_csv_to_json(csv_path, out_path):
         dx = HAM_DIAGNOSES[r["dx"]]
         return _item(r["image_id"], r["image_id"] + ".jpg", "<image>\n" + HAM_QUESTION, dx,
                      age=float(r["age"]), sex=r["sex"], diagnosis=dx)
-    return _convert(csv_path, out_path, make)
+    return _convert(csv_path, out_path, make, ["image_id", "dx", "age", "sex"])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -376,7 +425,10 @@ def load_tokenizer(path):
         p = p / "tokenizer.json"
     if not p.is_file():
         raise FileNotFoundError(f"{p}: tokenizer file not found")
-    return Tokenizer.from_file(str(p))
+    try:
+        return Tokenizer.from_file(str(p))
+    except Exception as e:  # the tokenizers library reports a bad file as a bare Exception
+        raise ValueError(f"{p}: not a readable tokenizers file ({short(str(e))})") from None
 
 
 def conversation_prompt(question, answer=None, system=SYSTEM_PROMPT):
@@ -413,23 +465,53 @@ def encode_example(tokenizer, question, answer, max_length=2048, item_id="?"):
     (its "instruction_len - 2" fix-up for Llama). Everything up to and including "ASSISTANT:" is
     -100 (BOS, system, question, image sentinel); the answer and its </s> are supervised.
     Truncated to max_length ids (the sentinel counts as one and must survive)."""
+    full, labels = _full_example(tokenizer, question, answer, item_id)
+    if IMAGE_TOKEN_INDEX in full and IMAGE_TOKEN_INDEX not in full[:max_length]:
+        raise DataError(f"item {short(item_id)}: max_length {max_length} cuts off the image sentinel")
+    return full[:max_length], labels[:max_length]
+
+
+def _full_example(tokenizer, question, answer, item_id):
+    """encode_example before the cut at max_length: (input_ids, labels) of the whole conversation."""
     prompt = tokenize_with_image(tokenizer, conversation_prompt(question))
     full = tokenize_with_image(tokenizer, conversation_prompt(question, answer))
     eos = tokenizer.token_to_id("</s>")
     if full[:len(prompt)] != prompt or len(full) <= len(prompt) or full[-1] != eos:
-        raise DataError(f"item {item_id!r}: the tokenizer merges across 'ASSISTANT:' and the answer, "
+        raise DataError(f"item {short(item_id)}: the tokenizer merges across 'ASSISTANT:' and the answer, "
                         f"or does not map '</s>' to one eos id; prompt and labels would disagree")
-    labels = [IGNORE_INDEX] * len(prompt) + full[len(prompt):]
-    if IMAGE_TOKEN_INDEX in prompt and IMAGE_TOKEN_INDEX not in full[:max_length]:
-        raise DataError(f"item {item_id!r}: max_length {max_length} cuts off the image sentinel")
-    return full[:max_length], labels[:max_length]
+    return full, [IGNORE_INDEX] * len(prompt) + full[len(prompt):]
+
+
+@dataclass
+class TextScan:
+    """What tokenisation does to a set of records: the ids of those whose text has characters the
+    vocabulary lacks (they became <unk>) and of those longer than max_length (cut)."""
+    n: int
+    unk: list
+    cut: list
+
+
+def scan_text(records, tokenizer, max_length):
+    """Tokenise every record as training will -> TextScan. Both losses are silent in training, so
+    they are counted here, up front; an item that cannot be trained at all (the cut removes the
+    image sentinel, prompt and labels disagree) is a DataError now rather than at step 5,000."""
+    unk_id = tokenizer.token_to_id("<unk>")  # None: no <unk> (e.g. byte fallback covers every text)
+    unk, cut = [], []
+    for r in records:
+        full, _ = _full_example(tokenizer, r["question"], r["answer"], r["id"])
+        if unk_id is not None and unk_id in full:
+            unk.append(r["id"])
+        if len(full) > max_length:
+            encode_example(tokenizer, r["question"], r["answer"], max_length, r["id"])  # the sentinel must survive
+            cut.append(r["id"])
+    return TextScan(len(records), unk, cut)
 
 
 def load_image(path, item_id="?"):
     try:
         return _open_image(path)
     except _Bad as e:  # the file changed since read_llava_json checked it
-        raise DataError(f"item {item_id!r}: field 'image': {e.problem}") from None
+        raise DataError(f"item {short(item_id)}: field 'image': {e.problem}") from None
 
 
 class ReportDataset(torch.utils.data.Dataset):
@@ -540,19 +622,34 @@ def main(argv=None):
     ap.add_argument("--check", metavar="JSON", help="validate a LLaVA JSON file and print its group counts")
     ap.add_argument("--dataset", default="mimic", choices=sorted(DATASETS), help="format of --check JSON")
     ap.add_argument("--skip-bad", action="store_true", help="--check: skip and count bad items instead of failing")
+    ap.add_argument("--decode", action="store_true",
+                    help="--check: decode every image fully (slower); without it only the image header is read, "
+                         "so a truncated or corrupt file passes --check and fails when training reaches it")
     ap.add_argument("--convert", nargs=3, metavar=("DATASET", "CSV", "OUT_JSON"),
                     help="convert a metadata CSV (mimic|padchest|ham) to LLaVA JSON")
     args = ap.parse_args(argv)
     if not (args.check or args.convert):
         ap.error("nothing to do: give --check or --convert (the synthetic benchmark: python synthetic.py)")
-    if args.check:
-        _print_groups("check", read_llava_json(args.check, args.dataset, on_error="skip" if args.skip_bad else "raise"))
-    if args.convert:
-        dataset, csv_path, out_path = args.convert
-        converters = dict(mimic=mimic_csv_to_json, padchest=padchest_csv_to_json, ham=ham_csv_to_json)
-        if dataset not in converters:
-            ap.error(f"--convert: unknown dataset {dataset!r}; choose from {sorted(converters)}")
-        converters[dataset](csv_path, out_path)
+    if args.decode and not args.check:
+        ap.error("--decode goes with --check")
+    converters = dict(mimic=mimic_csv_to_json, padchest=padchest_csv_to_json, ham=ham_csv_to_json)
+    if args.convert and args.convert[0] not in converters:
+        ap.error(f"--convert: unknown dataset {args.convert[0]!r}; choose from {sorted(converters)}")
+    try:  # a bad file is one line naming it, not a traceback
+        if args.check:
+            _print_groups("check", read_llava_json(args.check, args.dataset, decode_images=args.decode,
+                                                   on_error="skip" if args.skip_bad else "raise"))
+        if args.convert:
+            dataset, csv_path, out_path = args.convert
+            converters[dataset](csv_path, out_path)
+    except (ValueError, OSError) as e:
+        raise SystemExit(f"data.py: error: {_one_line(e)}") from None
+
+
+def _one_line(e):
+    """An OSError reads "[Errno 2] No such file or directory: 'x.json'"; keep its own words, on one line."""
+    text = f"{e.filename}: {e.strerror}" if isinstance(e, OSError) and e.filename else str(e)
+    return " ".join(text.split())
 
 
 if __name__ == "__main__":

@@ -50,9 +50,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from model import check_state_dict
+from model import check_state_dict, load_tensors
 
 PEFT_PREFIX = "base_model.model."
 
@@ -271,12 +271,32 @@ def _from_peft_key(key: str) -> str:
     return re.sub(r"\.(lora_[AB])\.default\.weight$", r".\1.weight", key)
 
 
+def _read_adapter_config(config_path: str) -> dict:
+    """adapter_config.json -> dict with the keys LoRA needs; a missing or bad file is one error
+    naming it (a bare JSONDecodeError or KeyError would not say which file)."""
+    if not os.path.isfile(config_path):
+        raise FileNotFoundError(f"{config_path}: not found (an adapter folder holds adapter_config.json "
+                                "and adapter_model.safetensors)")
+    try:
+        with open(config_path, encoding="utf-8") as f:
+            config = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{config_path}: not valid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{config_path}: not UTF-8 text; expected PEFT's adapter_config.json") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{config_path}: expected a JSON object, got a JSON {type(config).__name__}")
+    missing = [k for k in ("r", "lora_alpha", "target_modules") if k not in config]
+    if missing:
+        raise ValueError(f"{config_path}: missing field(s) {', '.join(missing)} of a PEFT LoRA config")
+    return config
+
+
 def load_peft_adapter(model: nn.Module, adapter_dir: str) -> LoRAConfig:
     """Load a PEFT LoRA adapter into `model` (the Llama module), wrapping it first with the adapter's
     r / alpha / dropout / targets if it has no LoRA layers yet. Strict: keys and shapes must match."""
     config_path = os.path.join(adapter_dir, "adapter_config.json")
-    with open(config_path) as f:
-        config = json.load(f)
+    config = _read_adapter_config(config_path)
     if config.get("peft_type", "LORA") != "LORA":
         raise ValueError(f"{config_path}: peft_type {config['peft_type']!r} is not LORA")
     for field, off in _PEFT_UNSUPPORTED.items():
@@ -288,10 +308,10 @@ def load_peft_adapter(model: nn.Module, adapter_dir: str) -> LoRAConfig:
 
     st_path = os.path.join(adapter_dir, "adapter_model.safetensors")
     bin_path = os.path.join(adapter_dir, "adapter_model.bin")
-    if os.path.exists(st_path):
-        path, sd = st_path, load_file(st_path)
-    elif os.path.exists(bin_path):
-        path, sd = bin_path, torch.load(bin_path, map_location="cpu", weights_only=True)
+    if os.path.exists(st_path) or os.path.exists(bin_path):
+        # load_tensors names the file when it cannot be read (truncated download, not safetensors)
+        path = st_path if os.path.exists(st_path) else bin_path
+        sd = load_tensors(path)
     else:
         raise FileNotFoundError(f"{adapter_dir}: neither adapter_model.safetensors nor adapter_model.bin")
 

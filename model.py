@@ -682,7 +682,13 @@ def load_llama(path_or_repo, dtype=torch.float32, device="cpu"):
     cfg_path = folder / "config.json"
     if not cfg_path.is_file():
         raise CheckpointError(f"{folder}: config.json not found")
-    cfg = LlamaConfig.from_hf_config(json.loads(cfg_path.read_text()), source=str(cfg_path))
+    try:
+        raw = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{cfg_path}: not valid JSON ({e})") from None
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{cfg_path}: expected a JSON object of model settings, got {type(raw).__name__}")
+    cfg = LlamaConfig.from_hf_config(raw, source=str(cfg_path))
     with torch.device("meta"):
         model = Llama(cfg)
     sd = {}

@@ -16,10 +16,13 @@ of four methods:
     torchrun --nproc_per_node=8 train.py ...      # the official 8-GPU setting
     python train.py --dry-run                     # 7B parameter counts and memory estimate
 
-Outputs in --out: `mm_projector.bin` (LLaVA key names), `adapter/` (PEFT format), `log.jsonl` (one
-line per optimizer step), `monitor.jsonl` (with --monitor-json) and `checkpoint.pt` (trainable
-tensors, phi included + optimizers + step + RNG state, written atomically, loadable with
-weights_only=True) from which --resume continues exactly.
+Outputs in --out: `config.json` (the settings), `mm_projector.bin` (LLaVA key names), `adapter/`
+(PEFT format), `log.jsonl` (one line per optimizer step), `monitor.jsonl` (with --monitor-json) and
+`checkpoint.pt` (trainable tensors, phi included + optimizers + step + RNG state, written
+atomically, loadable with weights_only=True) from which --resume continues exactly. A fresh run
+needs an empty --out (--overwrite clears train.py's files first); --resume refuses changed
+settings (RESUMABLE lists the flags that may change) and cuts the logs back to the checkpoint's
+step, so that after a kill each step is logged once.
 """
 
 import argparse
@@ -29,6 +32,7 @@ import math
 import os
 import random
 import re
+import shutil
 import sys
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -41,7 +45,8 @@ from tqdm import tqdm
 
 import data
 import evaluate
-from fairness import FairnessConfig, FairnessRegularizer, leak_report
+from fairness import H_NORMS, NEGATIVE_CHOICES, POOL_CHOICES, PROTOCOLS, TOKEN_CHOICES, FairnessConfig, \
+    FairnessRegularizer, leak_report
 from lora import LoRAConfig, apply_lora, count_parameters, lora_state_dict, load_peft_adapter, \
     mark_only_lora_as_trainable, save_peft_adapter
 from data import load_tokenizer
@@ -49,6 +54,7 @@ from model import (LlamaConfig, LlavaModel, VisionConfig, check_state_dict, load
                    supervised_weight)
 
 METHODS = ("lora", "resample", "reweight", "fairllava")
+DTYPES = ("bf16", "fp32")
 
 
 def _f(default, help, **kw):
@@ -71,11 +77,11 @@ class TrainConfig:
     # data
     train_json: str = _f("", "LLaVA-style training JSON")
     image_root: str = _f("", "folder the JSON's image paths are relative to (default: the JSON's)")
-    dataset: str = _f("mimic", "mimic | padchest | ham")
+    dataset: str = _f("mimic", "format of --train-json and --monitor-json (ham: HAM10000)")
     max_length: int = _f(2048, "max text tokens per sample")
     # method: the regulariser's and LoRA's settings live in their own configs (flags below)
     stage: int = _f(2, "1: projector only; 2: LoRA + projector")
-    method: str = _f("fairllava", " | ".join(METHODS))
+    method: str = _f("fairllava", "stage-2 method (see the top of train.py)")
     fair: FairnessConfig = _f(FairnessConfig, "the regulariser (fairness.FairnessConfig)")
     lora: LoRAConfig = _f(LoRAConfig, "the adapters (lora.LoRAConfig)")
     lm_weight: float = _f(1.0, "lambda3, the weight of L_LM")
@@ -90,13 +96,14 @@ class TrainConfig:
     batch_size: int = _f(6, "samples per process per micro-step")
     grad_accum: int = _f(2, "micro-steps per optimizer step")
     grad_clip: float = _f(1.0, "max gradient norm (0: off)")
-    dtype: str = _f("bf16", "bf16 | fp32: frozen weights and autocast on GPU (CPU always runs fp32)")
+    dtype: str = _f("bf16", "frozen weights and autocast on GPU (CPU always runs fp32)")
     grad_checkpointing: bool = _f(True, "recompute activations in backward")
     seed: int = _f(42, "random seed")
     num_workers: int = _f(2, "data loader workers")
     # bookkeeping
     out: str = _f("runs/fairllava", "output folder")
-    resume: bool = _f(False, "continue from --out/checkpoint.pt")
+    resume: bool = _f(False, "continue from --out/checkpoint.pt, with the same flags (only bookkeeping flags "
+                              "may change: see RESUMABLE in train.py)")
     save_every: int = _f(500, "checkpoint every N steps")
     log_every: int = _f(10, "progress every N steps")
     max_bad_steps: int = _f(10, "stop after N non-finite losses in a row")
@@ -111,8 +118,8 @@ class TrainConfig:
     def __post_init__(self):
         if self.method not in METHODS:
             raise ValueError(f"--method must be one of {METHODS}, got {self.method!r}")
-        if self.dtype not in ("bf16", "fp32"):
-            raise ValueError(f"--dtype must be bf16 or fp32, got {self.dtype!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"--dtype must be one of {DTYPES}, got {self.dtype!r}")
         if self.dataset not in data.DATASETS:
             raise ValueError(f"--dataset must be one of {sorted(data.DATASETS)}, got {self.dataset!r}")
         if self.stage not in (1, 2):
@@ -133,28 +140,64 @@ class TrainConfig:
 # Flags of the nested configs: --NAME for FairnessConfig.NAME, --lora-NAME for LoRAConfig.NAME.
 NESTED = {"fair": ("", FairnessConfig), "lora": ("lora-", LoRAConfig)}
 LORA_HELP = {"r": "LoRA rank", "alpha": "LoRA alpha (update scale alpha / r)", "dropout": "dropout on the LoRA path"}
+# Flags that take one of a fixed set of names (argparse lists them in --help and refuses others).
+CHOICES = {"stage": (1, 2), "dataset": tuple(sorted(data.DATASETS)), "method": METHODS, "dtype": DTYPES,
+           "balance_on": tuple(data.ATTRIBUTES), "fair.attributes": tuple(data.ATTRIBUTES),
+           "fair.tokens": TOKEN_CHOICES, "fair.pool": POOL_CHOICES, "fair.negatives": NEGATIVE_CHOICES,
+           "fair.protocol": PROTOCOLS, "fair.h_norm": H_NORMS}
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Each flag's default in --help, unless its text already says it or there is none to show
+    (an empty path would print "(default: )", a plain switch "(default: False)")."""
+
+    def _get_help_string(self, action):
+        switch = action.nargs == 0 and not isinstance(action, argparse.BooleanOptionalAction)
+        if "default:" in (action.help or "") or action.default in ("", None) or switch:
+            return action.help
+        return super()._get_help_string(action)
 
 
 def _add_flag(p, flag, default, help, dest):
     if not isinstance(default, bool):
-        return _add_valued_flag(p, flag, default, help, dest, flag[2:].upper().replace("-", "_"))
+        return _add_valued_flag(p, flag, default, help, dest, CHOICES.get(dest))
     p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help, dest=dest)
 
 
-def _add_valued_flag(p, flag, default, help, dest, metavar):
+def _add_valued_flag(p, flag, default, help, dest, choices):
+    # with choices, argparse's own metavar {a,b,c} shows the names that are allowed
+    metavar = None if choices else flag[2:].upper().replace("-", "_")
     if isinstance(default, tuple):
-        p.add_argument(flag, nargs="+", default=list(default), help=help, dest=dest, metavar=metavar)
+        p.add_argument(flag, nargs="+", default=list(default), help=f"{help} (default: {' '.join(map(str, default))})",
+                       dest=dest, metavar=metavar, choices=choices)
     elif isinstance(default, dict):  # name=value pairs, merged into the defaults
-        p.add_argument(flag, nargs="+", default=None, help=help + " (the names not given keep their default)",
-                       dest=dest, metavar="NAME=VALUE")
+        pairs = " ".join(f"{k}={v}" for k, v in default.items())
+        p.add_argument(flag, nargs="+", default=None, dest=dest, metavar="NAME=VALUE",
+                       help=f"{help} (default: {pairs}; the names not given keep their default)")
     else:
-        p.add_argument(flag, type=type(default), default=default, help=help, dest=dest, metavar=metavar)
+        p.add_argument(flag, type=type(default), default=default, help=help, dest=dest, metavar=metavar,
+                       choices=choices)
+
+
+class _Parser(argparse.ArgumentParser):
+    """A bad flag is one line on stderr (exit code 2); the 30-line usage stays in --help."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
 def parse_args(argv=None):
-    """Flags -> (args, TrainConfig). A bad value is one line naming the flag, exit code 2."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    """Flags -> (args, TrainConfig). A bad value is one line naming the flag, exit code 2. args
+    holds what is not a setting of the run (so not in TrainConfig nor config.json): --dry-run,
+    --overwrite, --strict-text."""
+    p = _Parser(prog="train.py", description=__doc__.split("\n")[0], formatter_class=_HelpFormatter)
     p.add_argument("--dry-run", action="store_true", help="build the 7B model on the meta device; print counts and memory")
+    p.add_argument("--overwrite", action="store_true",
+                   help="clear a non-empty --out (the files train.py writes) before a fresh run; without it, "
+                        "a non-empty --out is refused unless --resume")
+    p.add_argument("--strict-text", action="store_true",
+                   help="refuse training text with characters the tokenizer lacks (<unk>) or longer than "
+                        "--max-length, naming the first such record; without it they are counted in one line")
     top = [f for f in fields(TrainConfig) if f.name not in NESTED]
     for f in top:
         _add_flag(p, "--" + f.name.replace("_", "-"), getattr(TrainConfig(), f.name), f.metadata["help"], f.name)
@@ -179,7 +222,9 @@ def parse_args(argv=None):
                           **nested)
     except ValueError as e:
         p.error(re.sub(r"FairnessConfig\.(\w+)", lambda m: "--" + m.group(1).replace("_", "-"), str(e)))
-    return argparse.Namespace(dry_run=a["dry_run"]), cfg
+    if a["overwrite"] and cfg.resume:
+        p.error("--overwrite clears --out, --resume continues the run in it: give one of them")
+    return argparse.Namespace(dry_run=a["dry_run"], overwrite=a["overwrite"], strict_text=a["strict_text"]), cfg
 
 
 def to_argv(cfg):
@@ -325,9 +370,12 @@ class Monitor:
         self.records = self.records[:cfg.monitor_n]
         self.attrs = {a: torch.tensor([r["attrs"][a] for r in self.records]) for a in data.ATTRIBUTES}
         self.fcfg, self.tokenizer, self.processor = fcfg, tokenizer, processor
-        self.file = open(Path(cfg.out) / "monitor.jsonl", "a" if resume else "w")
+        # opened at the first point: a setup that fails later leaves --out as it was
+        self.path, self.mode, self.file = Path(cfg.out) / "monitor.jsonl", "a" if resume else "w", None
 
     def log(self, step, model, fair):
+        if self.file is None:
+            self.file = open(self.path, self.mode)
         was_training = model.training
         h = evaluate.pooled_features(model, self.tokenizer, self.processor, self.records, self.fcfg.layer,
                                      self.fcfg.tokens, batch_size=32)
@@ -432,12 +480,9 @@ class Run:
                 g["lr"] = g["base_lr"] * cosine_lr(step, self.total, warmup)
 
 
-def setup(cfg, d):
-    """Model, data, phi, optimizers and schedule, in a fixed order (the random stream depends on it)."""
-    out = Path(cfg.out)
-    if d.master:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
+def setup(cfg, d, strict_text=False):
+    """Model, data, phi, optimizers and schedule, in a fixed order (the random stream depends on it).
+    Writes nothing: --out is touched only once all of this has worked."""
     seed_everything(cfg.seed)
     model = build_model(cfg, d)
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.llm)
@@ -448,6 +493,7 @@ def setup(cfg, d):
         weights = data.inverse_frequency_weights(data.group_labels(records, cfg.balance_on))
     dataset = data.ReportDataset(records, tokenizer, data.ImageProcessor(vit.image_size, vit.mean, vit.std),
                                  cfg.max_length, sample_weights=weights)
+    report_text(data.scan_text(records, tokenizer, cfg.max_length), cfg, d, strict_text)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
                             weight_decay=cfg.weight_decay)
     fair, dac_opt = build_regularizer(cfg, model, opt, d)
@@ -463,55 +509,106 @@ def setup(cfg, d):
     return Run(cfg, d, model, net, fair, opt, dac_opt, dataset, steps_per_epoch, total, monitor)
 
 
-def train(cfg, d=None, quiet=False, progress=None):
+def report_text(scan, cfg, d, strict):
+    """Text that tokenisation changes silently (<unk> for characters the vocabulary lacks, the cut at
+    --max-length): one summary line, or with --strict-text a refusal naming the first record."""
+    parts = [f"{len(ids)} of {scan.n} reports {what} (first: id {data.short(ids[0])})"
+             for ids, what in ((scan.unk, "have <unk> tokens, characters the tokenizer lacks"),
+                               (scan.cut, f"were cut at --max-length {cfg.max_length}")) if ids]
+    if not parts:
+        return
+    if strict:
+        raise ValueError(f"--strict-text: {cfg.train_json}: " + "; ".join(parts))
+    if d.master:
+        print(f"{cfg.train_json}: " + "; ".join(parts) + " (--strict-text refuses such data)", file=sys.stderr)
+
+
+def train(cfg, d=None, quiet=False, progress=None, overwrite=False, strict_text=False):
     """Train as `cfg` says. quiet: no progress bar; progress(step, total, record): called every
-    --log-every steps instead (the demo prints one line from it)."""
+    --log-every steps instead (the demo prints one line from it). overwrite: clear a non-empty
+    --out first; strict_text: refuse text that becomes <unk> or is cut (see report_text)."""
     d = d or setup_distributed()
-    run = setup(cfg, d)
-    out, step, bad_steps = Path(cfg.out), 0, 0
-    if cfg.resume:
-        step = load_checkpoint(out / "checkpoint.pt", run.model, run.fair, run.opt, run.dac_opt)
-    log = open(out / "log.jsonl", "a") if d.master else None
+    if not cfg.train_json:
+        raise ValueError("--train-json is required (the LLaVA-style training JSON; --dry-run needs none)")
+    ckpt = check_out(cfg, overwrite)  # read-only: --out is not touched until setup has worked
+    if d.world > 1:  # every rank has looked at --out before rank 0 writes to it
+        dist.barrier()
+    run = setup(cfg, d, strict_text)
+    step = restore_checkpoint(ckpt, Path(cfg.out) / "checkpoint.pt", run) if ckpt is not None else 0
+    if d.master:
+        start_outputs(cfg, step, overwrite)
+    log = open(Path(cfg.out) / "log.jsonl", "a") if d.master else None
+    try:
+        finished = train_steps(run, step, log, quiet, progress)
+    finally:
+        if log is not None:
+            log.close()
+    if finished and d.master:
+        export(Path(cfg.out), cfg, run.model)
+    if d.world > 1:
+        dist.barrier()
+    return run.model, run.fair
+
+
+def train_steps(run, step, log, quiet, progress):
+    """The optimizer steps from `step` on -> True at the end of training, False after --stop-after.
+    An item that fails to load mid-run (a truncated image) ends training with a checkpoint of the
+    steps done and one line naming the item."""
+    cfg, d, out = run.cfg, run.d, Path(run.cfg.out)
     bar = tqdm(total=run.total, initial=step, disable=not d.master or quiet, desc=f"stage {cfg.stage} {cfg.method}")
     if run.monitor is not None and step == 0:
         run.monitor.log(0, run.model, run.fair)
     run.model.train()
-    for micro in micro_batches(run, step):
-        run.set_lr(step)
-        lr_now = run.opt.param_groups[0]["lr"]
-        loss_sum, stats = forward_backward(run, micro, step)
-        skipped = not optimizer_step(run, loss_sum, stats, step)
-        bad_steps = bad_steps + 1 if skipped else 0
-        if bad_steps >= cfg.max_bad_steps:
-            raise FloatingPointError(f"{bad_steps} non-finite losses in a row: stopping "
-                                     f"(last good checkpoint: {out / 'checkpoint.pt'})")
-        step += 1
-        all_reduce_mean_([loss_sum], d)
-        if d.master:
-            rec = {"step": step, "loss": loss_sum.item(), "lr": lr_now, "skipped": skipped, **stats}
-            log.write(json.dumps(rec) + "\n")
-            log.flush()
-            bar.update(1)
-            if step % cfg.log_every == 0 or step == run.total:
-                bar.set_postfix(loss=f"{rec['loss']:.3f}", lr=f"{lr_now:.2e}")
-                if progress is not None:
-                    progress(step, run.total, rec)
-        if run.monitor is not None and (step % cfg.monitor_every == 0 or step == run.total):
-            run.monitor.log(step, run.model, run.fair)
-        if step % cfg.save_every == 0 or step == run.total:
-            save_checkpoint(out / "checkpoint.pt", cfg, run.model, run.fair, run.opt, run.dac_opt, step, d)
-        if cfg.stop_after and step >= cfg.stop_after:
+    bad_steps, saved = 0, step
+    try:
+        for micro in micro_batches(run, step):
+            run.set_lr(step)
+            lr_now = run.opt.param_groups[0]["lr"]
+            loss_sum, stats = forward_backward(run, micro, step)
+            skipped = not optimizer_step(run, loss_sum, stats, step)
+            bad_steps = bad_steps + 1 if skipped else 0
+            if bad_steps >= cfg.max_bad_steps:
+                raise FloatingPointError(f"{bad_steps} non-finite losses in a row: stopping "
+                                         f"(last good checkpoint: {out / 'checkpoint.pt'})")
+            step += 1
+            all_reduce_mean_([loss_sum], d)
             if d.master:
-                log.close()
-                print(f"stopping after step {step} (--stop-after)", file=sys.stderr)
-            return run.model, run.fair
-    bar.close()
-    if d.master:
-        log.close()
-        export(out, cfg, run.model)
-    if d.world > 1:
-        dist.barrier()
-    return run.model, run.fair
+                rec = {"step": step, "loss": loss_sum.item(), "lr": lr_now, "skipped": skipped, **stats}
+                log.write(json.dumps(rec) + "\n")
+                log.flush()
+                bar.update(1)
+                if step % cfg.log_every == 0 or step == run.total:
+                    bar.set_postfix(loss=f"{rec['loss']:.3f}", lr=f"{lr_now:.2e}")
+                    if progress is not None:
+                        progress(step, run.total, rec)
+            if run.monitor is not None and (step % cfg.monitor_every == 0 or step == run.total):
+                run.monitor.log(step, run.model, run.fair)
+            if step % cfg.save_every == 0 or step == run.total:
+                save_checkpoint(out / "checkpoint.pt", cfg, run.model, run.fair, run.opt, run.dac_opt, step, d)
+                saved = step
+            if cfg.stop_after and step >= cfg.stop_after:
+                if d.master:
+                    print(f"stopping after step {step} (--stop-after)", file=sys.stderr)
+                return False
+    except data.DataError as e:
+        raise data.DataError(bad_item_stop(run, e, step, saved)) from None
+    finally:
+        bar.close()
+    return True
+
+
+def bad_item_stop(run, e, step, saved):
+    """The message for an item that passed the checks up front but fails to load now, after the
+    steps done are saved (the random state is that of the end of `step`: loading draws nothing).
+    Under torchrun the other ranks wait inside a collective, so no checkpoint can be agreed on."""
+    path = Path(run.cfg.out) / "checkpoint.pt"
+    if step > saved and run.d.world == 1:
+        save_checkpoint(path, run.cfg, run.model, run.fair, run.opt, run.dac_opt, step, run.d)
+        saved = step
+    kept = f"steps 1-{saved} are in {path}: fix or drop the item, then --resume" if saved else "no step was done"
+    # a DataLoader worker wraps the message in its traceback; the item's own words are the last line
+    last = re.sub(r"^[\w.]*DataError: ", "", str(e).strip().splitlines()[-1])
+    return f"{last} ({kept})"
 
 
 def micro_batches(run, step):
@@ -640,30 +737,162 @@ def save_checkpoint(path, cfg, model, fair, opt, dac_opt, step, d):
         dist.barrier()
 
 
-def load_checkpoint(path, model, fair, opt, dac_opt):
+CHECKPOINT_KEYS = {"step", "config", "trainable", "optimizer", "dac_optimizer", "rng"}
+
+
+def read_checkpoint(path):
+    """checkpoint.pt -> its dict, with "config" parsed. Anything else (a truncated file, a foreign
+    one) is a ValueError naming the file."""
     if not Path(path).is_file():
         raise FileNotFoundError(f"--resume: {path} not found")
     try:  # tensors, numbers and strings only: a checkpoint from elsewhere cannot run code
         st = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise ValueError(f"--resume {path}: not a checkpoint written by train.py ({type(e).__name__}: "
-                         f"{str(e).splitlines()[0][:200]})") from None
+        why = str(e).strip().splitlines()[0].split(". ")[0][:160] if str(e).strip() else ""
+        raise ValueError(f"--resume {path}: not a checkpoint written by train.py, or a truncated one "
+                         f"({type(e).__name__}: {why})") from None
     keys = set(st) if isinstance(st, dict) else set()
-    missing = sorted({"step", "trainable", "optimizer", "dac_optimizer", "rng"} - keys)
+    missing = sorted(CHECKPOINT_KEYS - keys)
     if missing:  # a torch file of something else
         raise ValueError(f"--resume {path}: not a checkpoint written by train.py (no {', '.join(missing)})")
-    sd = st["trainable"]
-    expected = trainable_state(model, fair)
-    check_state_dict(expected, sd, f"--resume {path}")
+    try:
+        st["config"] = json.loads(st["config"])
+    except (TypeError, json.JSONDecodeError) as e:
+        raise ValueError(f"--resume {path}: its stored config is not valid JSON ({e})") from None
+    if not isinstance(st["config"], dict):
+        raise ValueError(f"--resume {path}: its stored config is not a JSON object")
+    return st
+
+
+def restore_checkpoint(st, path, run):
+    """Trainable tensors, optimizer states and random streams of read_checkpoint's dict -> the step."""
+    expected = trainable_state(run.model, run.fair)
+    check_state_dict(expected, st["trainable"], f"--resume {path}")
     with torch.no_grad():
         for k, v in expected.items():
-            v.copy_(sd[k])
-    opt.load_state_dict(st["optimizer"])
-    if dac_opt is not None:
-        dac_opt.load_state_dict(st["dac_optimizer"])
+            v.copy_(st["trainable"][k])
+    run.opt.load_state_dict(st["optimizer"])
+    if run.dac_opt is not None:
+        run.dac_opt.load_state_dict(st["dac_optimizer"])
     rank = dist.get_rank() if dist.is_initialized() else 0
     set_rng_state(st["rng"][rank])
     return st["step"]
+
+
+# ----------------------------------------------------------------------------------------------
+# --out: fresh, overwritten or resumed
+
+# Settings that may differ on --resume: they decide what is logged and saved, and when, but not the
+# numbers, so the resumed run stays the uninterrupted one. Every other setting is fixed by the
+# checkpoint: --max-steps and --epochs too, as the learning-rate schedule is a function of the total.
+RESUMABLE = ("out", "resume", "save_every", "log_every", "max_bad_steps", "monitor_json", "monitor_every",
+             "monitor_n", "num_workers", "stop_after", "dump_grads")
+# What train.py writes in --out (plus NAME.tmp while writing): what --overwrite may delete.
+OUTPUTS = ("config.json", "log.jsonl", "monitor.jsonl", "checkpoint.pt", "mm_projector.bin", "adapter")
+
+
+def check_out(cfg, overwrite):
+    """Before anything is built: a fresh run needs an empty --out (or --overwrite, which may only
+    delete what train.py writes); a resumed one its checkpoint, made with the same settings.
+    -> the checkpoint's dict, or None."""
+    out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out}: is a file, not a folder")
+    if cfg.resume:
+        if overwrite:
+            raise ValueError("--overwrite clears --out, --resume continues the run in it: give one of them")
+        st = read_checkpoint(out / "checkpoint.pt")
+        check_resume_flags(st["config"], cfg, out / "checkpoint.pt")
+        return st
+    entries = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    if entries and not overwrite:
+        raise ValueError(f"--out {out} is not empty ({_some(entries)}): --resume continues the run in it, "
+                         f"--overwrite clears it first")
+    foreign = [e for e in entries if e not in OUTPUTS and e.removesuffix(".tmp") not in OUTPUTS]
+    if foreign:
+        raise ValueError(f"--overwrite: --out {out} holds files train.py does not write ({_some(foreign)}); "
+                         f"remove them or choose another --out")
+    return None
+
+
+def _some(names, n=3):
+    return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
+
+
+def _flag_values(config):
+    """{flag name: value} of a config as JSON gives it back ({field: ...} with nested dicts)."""
+    flags = {}
+    for key, value in config.items():
+        if key in NESTED and isinstance(value, dict):
+            prefix = NESTED[key][0]
+            flags.update({"--" + prefix + k.replace("_", "-"): v for k, v in value.items()})
+        else:
+            flags["--" + key.replace("_", "-")] = value
+    return flags
+
+
+def check_resume_flags(old, cfg, path):
+    """Refuse a resume whose settings differ from the checkpoint's, naming each flag with both
+    values: training would go on with the new values while the first steps used the old ones."""
+    now = _flag_values(json.loads(json.dumps(asdict(cfg))))  # tuples -> lists, as in the checkpoint
+    then = _flag_values(old)
+    free = ["--" + name.replace("_", "-") for name in RESUMABLE]
+    flags = list(now) + [f for f in then if f not in now]
+    changed = [f"{f} {_shown(now.get(f))} does not match the checkpoint's {_shown(then.get(f))}"
+               for f in flags if f not in free and now.get(f) != then.get(f)]
+    if changed:
+        why = "; the learning-rate schedule is set by the total steps" if any(
+            c.startswith(("--max-steps", "--epochs")) for c in changed) else ""
+        raise ValueError(f"--resume {path}: " + "; ".join(changed) + f" (only {', '.join(free[2:])} may change "
+                         f"on resume{why}; other settings need a new --out)")
+
+
+def _shown(value):
+    """A flag's value as it is typed."""
+    if value is None:
+        return "(not set)"
+    if isinstance(value, list):
+        return " ".join(map(str, value))
+    if isinstance(value, dict):
+        return " ".join(f"{k}={v}" for k, v in value.items())
+    return data.short(value) if value == "" else str(value)
+
+
+def start_outputs(cfg, step, overwrite):
+    """Setup worked: make --out ready. A fresh run with --overwrite first deletes train.py's old
+    files; a resumed one cuts log.jsonl and monitor.jsonl back to the checkpoint's step, so that
+    after a kill each step is logged once. config.json then says the settings of this run."""
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if overwrite:
+        for p in out.iterdir():  # check_out made sure these are train.py's own files
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+    if cfg.resume:
+        for name in ("log.jsonl", "monitor.jsonl"):
+            truncate_jsonl(out / name, step)
+    atomic_save(json.dumps(asdict(cfg), indent=2) + "\n", out / "config.json", save_fn=lambda text, p: Path(p).write_text(text))
+
+
+def truncate_jsonl(path, step):
+    """Keep the lines of a JSON-lines log up to `step`. A last line cut by a kill is dropped; any
+    other line that is not a JSON object with a step is an error naming the file and line."""
+    if not path.is_file():
+        return
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    keep = []
+    for n, line in enumerate(lines, 1):
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            if n == len(lines):
+                break
+            rec = None
+        if not (isinstance(rec, dict) and isinstance(rec.get("step"), int)):
+            raise ValueError(f"--resume: {path} line {n} is not a JSON object with a step ({data.short(line)}); "
+                             f"expected one JSON object per line, as train.py writes")
+        if rec["step"] <= step:
+            keep.append(line + "\n")
+    atomic_save("".join(keep), path, save_fn=lambda text, p: Path(p).write_text(text))
 
 
 def export(out, cfg, model):
@@ -726,9 +955,9 @@ def main(argv=None):
         return dry_run(cfg)
     d = setup_distributed()
     try:
-        train(cfg, d)
+        train(cfg, d, overwrite=args.overwrite, strict_text=args.strict_text)
     except (ValueError, FileNotFoundError) as e:  # bad input: one line naming what, no traceback
-        sys.exit(f"train.py: error: {e}")
+        sys.exit(f"train.py: error: {' '.join(str(e).split())}")
     finally:
         if d.world > 1:
             dist.destroy_process_group()
