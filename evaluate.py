@@ -12,7 +12,8 @@ names the groups, and lays the numbers out.
 
 Four parts:
 1. `generate_predictions`: batched greedy decoding with the KV cache, one JSONL line per report,
-   flushed as it goes, so a killed run picks up where it stopped.
+   flushed as it goes, so a killed run picks up where it stopped; `claim_predictions` keys the file
+   on what made it (predictions_key.json), so a run resumes only its own predictions.
 2. `score`: overall and per-group numbers with bootstrap intervals, for predictions from this
    model or from any other system (the official code's outputs included), matched by id.
 3. `attribute_probe`: a fresh linear probe on the pooled hidden state h (fairness.py pooling):
@@ -28,15 +29,18 @@ Four parts:
     python evaluate.py --predictions preds.jsonl --test-json test.json --out eval/other
 
 Predictions from other systems: a JSONL line needs an id ("id" or LLaVA's "question_id") and the text
-("prediction", "text", "pred" or "output"); references always come from the test JSON.
+("prediction", "text", "pred" or "output"); references always come from the test JSON. `--ids FILE`
+and `--limit N` score a subset; `--help` lists the accepted keys of every input file.
 What is left out: RadGraph-F1, CheXbert-F1 and GREEN need large learned models (see metrics.py for
 how the rule-based F1 differs); sampling-based decoding is not exposed on the command line; two
 runs writing the same predictions file at once are not guarded against.
 """
 
 import argparse
+import hashlib
 import json
 import math
+import os
 import sys
 import time
 from collections import Counter
@@ -51,7 +55,7 @@ from data import (ATTRIBUTES, DATASETS, UNKNOWN, ImageProcessor, ReportDataset, 
                   load_tokenizer, read_llava_json, tokenize_with_image)
 from fairness import FairnessConfig, fit_linear_probe, pool_hidden, token_mask
 from lora import load_peft_adapter, merge_lora
-from model import generate, load_llava
+from model import generate, load_llava, resolve_path, weight_files
 
 # The metrics of each data set, and which of them make the paper's equity-scaled table and the chart.
 # short column name -> metric name. The paper's clinical column is RadGraph-F1 (MIMIC main table) and
@@ -86,40 +90,68 @@ ID_KEYS = ("id", "question_id")
 PREDICTION_KEYS = ("prediction", "text", "pred", "output")
 
 
+def _clip(text, n=80):
+    """At most n characters of something read from a file: an error message quotes the input to
+    show what it looked like, never the whole of a (possibly huge) line."""
+    text = str(text)
+    return text if len(text) <= n else text[:n - 3] + "..."
+
+
 def _parse_line(line, where):
+    """One JSONL line -> {id, prediction[, reference]}; `where` is "FILE line N" for the errors."""
+    if line.lstrip().startswith("["):
+        # a JSON array where JSONL is expected: the first line of a (pretty-printed) array file
+        raise ValueError(f"{where}: expected one JSON object per line (JSONL), got a JSON array")
     try:
         row = json.loads(line)
     except json.JSONDecodeError as e:
-        raise ValueError(f"{where}: not valid JSON ({e})") from None
-    item_id = next((row[k] for k in ID_KEYS if isinstance(row, dict) and k in row), None)
-    pred = next((row[k] for k in PREDICTION_KEYS if isinstance(row, dict) and k in row), None)
-    if item_id is None or not isinstance(pred, str):
+        raise ValueError(f"{where}: not valid JSON ({e.msg} at column {e.colno}); "
+                         f"expected one JSON object per line (JSONL)") from None
+    if not isinstance(row, dict):
+        raise ValueError(f"{where}: expected one JSON object per line (JSONL), got a JSON {type(row).__name__}")
+    id_key = next((k for k in ID_KEYS if k in row), None)
+    pred_key = next((k for k in PREDICTION_KEYS if k in row), None)
+    if id_key is None or pred_key is None:
         raise ValueError(f"{where}: needs an id ({'/'.join(ID_KEYS)}) and a prediction string "
-                         f"({'/'.join(PREDICTION_KEYS)}), got keys {sorted(row) if isinstance(row, dict) else row!r}")
+                         f"({'/'.join(PREDICTION_KEYS)}), got keys {_clip(sorted(row))}")
+    item_id, pred = row[id_key], row[pred_key]
+    if isinstance(item_id, bool) or not isinstance(item_id, (str, int)):  # str(1.0) or str({}) match nothing
+        raise ValueError(f"{where}: field {id_key!r} must be a string or an integer, got {_clip(json.dumps(item_id))}")
+    if not isinstance(pred, str):
+        raise ValueError(f"{where}: field {pred_key!r} must be a string, got {_clip(json.dumps(pred))}")
     return {"id": str(item_id), "prediction": pred, **({"reference": row["reference"]} if "reference" in row else {})}
+
+
+def _decode(data, path):
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text (byte {e.start}); expected JSONL") from None
 
 
 def read_predictions(path):
     """A predictions JSONL file -> [{id, prediction[, reference]}]; blank lines are skipped."""
-    with open(path, encoding="utf-8") as f:
-        return [_parse_line(line, f"{path}:{n}") for n, line in enumerate(f, 1) if line.strip()]
+    text = _decode(Path(path).read_bytes(), path)
+    # split on "\n" only: str.splitlines also breaks at U+2028 and U+0085, which JSON strings may hold raw
+    return [_parse_line(line, f"{path} line {n}") for n, line in enumerate(text.split("\n"), 1) if line.strip()]
 
 
 def _resume(out_jsonl):
     """The predictions already in out_jsonl, by id (first one wins). A run killed in the middle of a
-    write leaves a last line without its newline: it is cut off here, and regenerated."""
+    write leaves a last line without its newline: it is cut off here, and regenerated. The cut is
+    made on bytes, before decoding, because the kill may also have split a multi-byte character."""
     path = Path(out_jsonl)
     if not path.exists():
         return {}
-    text = path.read_text(encoding="utf-8")
-    complete = text[:text.rfind("\n") + 1]  # everything up to the last newline
-    if len(complete) != len(text):
-        with open(path, "r+", encoding="utf-8") as f:
-            f.truncate(len(complete.encode("utf-8")))
+    data = path.read_bytes()
+    complete = data[:data.rfind(b"\n") + 1]  # everything up to the last newline
+    if len(complete) != len(data):
+        with open(path, "r+b") as f:
+            f.truncate(len(complete))
     done = {}
-    for n, line in enumerate(complete.splitlines(), 1):
+    for n, line in enumerate(_decode(complete, path).split("\n"), 1):
         if line.strip():
-            row = _parse_line(line, f"{path}:{n}")
+            row = _parse_line(line, f"{path} line {n}")
             done.setdefault(row["id"], row)
     return done
 
@@ -128,7 +160,8 @@ def _resume(out_jsonl):
 def generate_predictions(model, tokenizer, records, image_processor, out_jsonl, batch_size=16,
                          max_new_tokens=256, desc="generate", quiet=False):
     """Greedy reports for `records`, appended to out_jsonl as {"id", "prediction", "reference"},
-    one flushed line per report. Ids already in the file are not generated again (resume). Returns
+    one flushed line per report. Ids already in the file are not generated again (resume): the caller
+    makes sure they come from this model and these settings (main does, with claim_predictions). Returns
     the predictions of `records`, in their order; lines of other ids in the file are left alone."""
     eos = tokenizer.token_to_id("</s>")
     if eos is None:
@@ -489,6 +522,131 @@ def write_outputs(results, out_dir, title=""):
 
 
 # ----------------------------------------------------------------------------------------------
+# The key of a predictions file: what produced it, so a resumed run reuses only its own predictions
+
+MIB = 1 << 20
+KEY_VERSION = 1
+
+
+def file_fingerprint(path):
+    """"size:hash" of a file, the hash a SHA-256 of its first and last MiB. Content, not mtime: a
+    copied or touched checkpoint keeps its fingerprint, a retrained one (same size, new numbers in
+    the first and last tensors) gets a new one. Reads at most 2 MiB, so a 13 GB model costs
+    milliseconds. A change confined to the middle of a large file goes unnoticed."""
+    size = Path(path).stat().st_size
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        h.update(f.read(MIB))
+        if size > MIB:
+            f.seek(max(size - MIB, MIB))  # the last MiB, without re-reading the first
+            h.update(f.read())
+    return f"{size}:{h.hexdigest()[:20]}"
+
+
+def _source(path, files):
+    """{path, files: {name: fingerprint}} of one input: where it is and what it holds."""
+    return {"path": str(Path(path).resolve()), "files": {Path(f).name: file_fingerprint(f) for f in files}}
+
+
+def _llm_files(folder):
+    return [folder / "config.json", *weight_files(folder)]
+
+
+def _vision_files(path):
+    # a checkpoint file, or every weights file in the folder (whichever one the loader picks)
+    if path.is_file():
+        return [path]
+    return sorted(f for f in path.iterdir() if f.is_file()
+                  and (f.suffix in (".bin", ".safetensors", ".pt", ".pth") or f.name == "open_clip_config.json"))
+
+
+def _adapter_files(folder):
+    names = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
+    return [folder / n for n in names if (folder / n).is_file()]
+
+
+def _tokenizer_file(path):
+    path = Path(path)
+    return path / "tokenizer.json" if path.is_dir() else path
+
+
+def predictions_key(args, llm, vision, projector, dtype):
+    """What the predictions of a model run depend on (llm, vision: the resolved folders / files).
+    Leaves out what does not change them: the batch size (batched greedy decoding equals one prompt
+    at a time), the device, --limit/--ids (a subset's predictions are those of the whole set), and
+    the scoring flags."""
+    test = Path(args.test_json)
+    tokenizer = _tokenizer_file(args.tokenizer or llm)
+    return {
+        "version": KEY_VERSION,
+        "llm": _source(llm, _llm_files(llm)),
+        "vision": _source(vision, _vision_files(vision)),
+        "projector": _source(projector, [projector]) if projector else "random",
+        "adapter": _source(args.adapter, _adapter_files(Path(args.adapter))) if args.adapter else None,
+        "tokenizer": _source(tokenizer, [tokenizer]),
+        "vision_heads": args.vision_heads,
+        "max_new_tokens": args.max_new_tokens,
+        "dtype": str(dtype).replace("torch.", ""),
+        "test_json": _source(test, [test]),
+        "image_root": str(Path(args.image_root or test.parent).resolve()),
+        "dataset": args.dataset,
+    }
+
+
+def _differences(old, new):
+    """The fields where two keys differ, e.g. ["adapter (weights)", "max_new_tokens (256 -> 4)"]."""
+    def short(v):  # a file source by its kind, a setting by its value
+        return "a file" if isinstance(v, dict) else _clip(json.dumps(v), 30)
+
+    out = []
+    for field in sorted(old.keys() | new.keys()):
+        a, b = old.get(field), new.get(field)
+        if a == b:
+            continue
+        if isinstance(a, dict) and isinstance(b, dict):
+            contents = "contents" if field == "test_json" else "weights"
+            parts = [name for name, k in (("path", "path"), (contents, "files")) if a.get(k) != b.get(k)]
+            out.append(f"{field} ({', '.join(parts) or 'contents'})")
+        else:
+            out.append(f"{field} ({short(a)} -> {short(b)})")
+    return out
+
+
+OUTPUT_FILES = ("predictions.jsonl", "results.json", "results.md", "groups.png")
+
+
+def claim_predictions(out_dir, key, overwrite=False):
+    """Make out_dir/predictions.jsonl safe to resume: its key (predictions_key.json, written before
+    the first prediction) must equal `key`, else the run is refused. overwrite=True removes the
+    old predictions and results and starts afresh. Returns the predictions file's path."""
+    out_dir = Path(out_dir)
+    preds, key_file = out_dir / "predictions.jsonl", out_dir / "predictions_key.json"
+    fresh = "pass a new --out, or --overwrite to start afresh"
+    if overwrite:
+        for name in OUTPUT_FILES:
+            (out_dir / name).unlink(missing_ok=True)
+    elif preds.exists():
+        if not key_file.is_file():
+            raise ValueError(f"{preds} holds predictions of unknown origin (no {key_file.name} beside it); {fresh}")
+        try:
+            old = json.loads(key_file.read_text(encoding="utf-8"))
+            if not isinstance(old, dict):
+                raise ValueError
+        except ValueError:
+            raise ValueError(f"{key_file}: unreadable, so the predictions beside it cannot be resumed; "
+                             f"{fresh}") from None
+        diff = _differences(old, key)
+        if diff:
+            raise ValueError(f"{preds} was made by another model or settings (differs in: {'; '.join(diff)}); {fresh}")
+        return preds
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = key_file.with_suffix(".tmp")
+    tmp.write_text(json.dumps(key, indent=1))
+    os.replace(tmp, key_file)  # a kill leaves the old key or the new one, never half of one
+    return preds
+
+
+# ----------------------------------------------------------------------------------------------
 # Command line
 
 
@@ -502,69 +660,262 @@ def load_model(llm, vision, projector=None, adapter=None, vision_heads=None, dev
     return model.eval()
 
 
+def _records_help():
+    fields = "; ".join(f"{d}: " + ", ".join(f for f in (s["race"], s["age"], s["gender"]) if f)
+                       for d, s in DATASETS.items())
+    return f"""input files:
+  --test-json   a JSON list of items, each with "id", "image" (a path relative to --image-root) and
+                "conversations": [{{"from": "human", "value": question}}, {{"from": "gpt", "value":
+                reference report}}] (PadChest items may give "FINDINGS" / "INDICATION" instead, HAM10000
+                items "diagnosis"), and the demographics of --dataset:
+                {fields}.
+  --predictions JSONL, one object per line: an id ({' or '.join(f'"{k}"' for k in ID_KEYS)}) and the text
+                ({', '.join(f'"{k}"' for k in PREDICTION_KEYS)}); other keys, "reference" included, are
+                ignored: references always come from --test-json. Predictions of ids outside the
+                scored subset (--ids, --limit) are ignored; ids not in --test-json are an error.
+  --ids         one record id per line (blank lines skipped): score only these records.
+
+subsets: --ids keeps the listed records, --limit N then keeps the first N of them (or of the whole
+test set), in the order of --test-json.
+
+resuming: a model run writes predictions_key.json (model, adapter, projector and tokenizer paths with a
+fingerprint of their files, --max-new-tokens, --vision-heads, dtype, the test file) beside
+predictions.jsonl and reuses the predictions already there only when the key is the same; otherwise
+it stops and names what differs (--overwrite starts afresh)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        # one line, not the whole usage block: the flag and what is wrong with it
+        self.exit(2, f"evaluate.py: error: {message} (see --help)\n")
+
+
+def _int_at_least(low):
+    def parse(text):
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {_clip(text, 20)!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        return value
+    return parse
+
+
+MODEL_FLAGS = ("llm", "vision", "projector", "adapter", "tokenizer", "random_projector", "overwrite",
+               "probe_train_json")
+
+
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description="Generate reports and score them overall and per demographic group.")
-    ap.add_argument("--test-json", required=True, help="test set, LLaVA JSON with demographics")
+    ap = _Parser(description="Generate reports and score them overall and per demographic group.",
+                 epilog=_records_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--test-json", required=True, help="test set, LLaVA JSON with demographics (keys below)")
     ap.add_argument("--dataset", default="mimic", choices=sorted(HEADLINE), help="format and metrics of the test set")
     ap.add_argument("--image-root", default=None, help="folder the image paths are relative to (default: the JSON's)")
     ap.add_argument("--out", required=True, help="output folder: predictions.jsonl, results.json/.md, groups.png")
-    ap.add_argument("--predictions", default=None, help="score this JSONL file instead of running a model")
+    ap.add_argument("--predictions", default=None, help="score this JSONL file instead of running a model (keys below)")
     ap.add_argument("--llm", help="language model folder or hub id (HF Llama layout)")
     ap.add_argument("--vision", help="vision tower: open_clip checkpoint file or folder")
-    ap.add_argument("--vision-heads", type=int, default=0, help="vision attention heads (0: width / 64)")
-    ap.add_argument("--projector", help="mm_projector.bin (or LLaVA-Rad's non_lora_trainables.bin)")
+    ap.add_argument("--vision-heads", type=_int_at_least(0), default=0, help="vision attention heads (0: width / 64)")
+    ap.add_argument("--projector", help="mm_projector.bin (or LLaVA-Rad's non_lora_trainables.bin); default: the "
+                                        "one in the --adapter folder or beside it (train.py's layout)")
+    ap.add_argument("--random-projector", action="store_true",
+                    help="run with an untrained, random projector on purpose (smoke tests: the reports are noise)")
     ap.add_argument("--adapter", default=None, help="PEFT LoRA adapter folder, merged into the LLM")
     ap.add_argument("--tokenizer", default=None, help="tokenizer.json or its folder (default: the --llm folder)")
-    ap.add_argument("--batch-size", type=int, default=16, help="reports generated per batch")
-    ap.add_argument("--max-new-tokens", type=int, default=256, help="generation length limit (official: 256)")
-    ap.add_argument("--limit", type=int, default=0, help="evaluate only the first N test records (0: all)")
+    ap.add_argument("--overwrite", action="store_true",
+                    help="discard the predictions and results already in --out and start afresh")
+    ap.add_argument("--batch-size", type=_int_at_least(1), default=16, help="reports generated per batch")
+    ap.add_argument("--max-new-tokens", type=_int_at_least(1), default=256,
+                    help="generation length limit (official: 256)")
+    ap.add_argument("--ids", default=None, help="file of record ids, one per line: evaluate only these records")
+    ap.add_argument("--limit", type=_int_at_least(1), default=None,
+                    help="evaluate only the first N test records (after --ids; default: all)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     ap.add_argument("--dtype", default="bf16", choices=("bf16", "fp32"), help="weights dtype on GPU (CPU: fp32)")
     ap.add_argument("--attributes", nargs="+", default=None, choices=tuple(ATTRIBUTES),
                     help="attributes to score (default: those the data set records)")
-    ap.add_argument("--min-group-size", type=int, default=30, help="smaller groups are flagged, left out of the gap")
+    ap.add_argument("--min-group-size", type=_int_at_least(1), default=30,
+                    help="smaller groups are flagged, left out of the gap")
     ap.add_argument("--m-all", default="whole_set", choices=("whole_set", "group_mean"),
                     help="ES numerator: whole-set score (paper) or mean of group scores (official script)")
-    ap.add_argument("--n-resamples", type=int, default=200, help="bootstrap resamples for intervals (0: none)")
+    ap.add_argument("--n-resamples", type=_int_at_least(0), default=200,
+                    help="bootstrap resamples for intervals (0: none)")
     ap.add_argument("--seed", type=int, default=0, help="bootstrap seed")
     ap.add_argument("--probe-train-json", default=None,
                     help="also fit a linear attribute probe on h, trained on this JSON (model mode only)")
-    ap.add_argument("--probe-max-train", type=int, default=1000, help="training records for the probe")
+    ap.add_argument("--probe-max-train", type=_int_at_least(1), default=1000, help="training records for the probe")
     ap.add_argument("--title", default="", help="title of the table and the chart")
     args = ap.parse_args(argv)
-    if args.predictions is None and not (args.llm and args.vision):
-        ap.error("give --predictions FILE to score, or a model: --llm, --vision (+ --projector, --adapter)")
-    if args.predictions is not None and args.probe_train_json:
-        ap.error("--probe-train-json needs a model, not --predictions")
+    flag = lambda name: "--" + name.replace("_", "-")
+    if args.predictions is not None:
+        # the file is scored as it is; a model flag beside it would be silently ignored
+        given = [flag(n) for n in MODEL_FLAGS if getattr(args, n)]
+        if given:
+            ap.error(f"{', '.join(given)} cannot be combined with --predictions (it scores the file; no model runs)")
+    elif not (args.llm and args.vision):
+        ap.error("give --predictions FILE to score, or a model: --llm and --vision (+ --projector, --adapter)")
+    if args.projector and args.random_projector:
+        ap.error("--projector and --random-projector exclude each other")
     return args
+
+
+def _find_projector(args):
+    """(path or None, note) of the projector of a model run: --projector, else the one the adapter
+    folder carries (LLaVA-Rad puts non_lora_trainables.bin in it, train.py mm_projector.bin beside
+    it). Without one the projector is random and the reports are noise with plausible-looking
+    scores, so that takes --random-projector. The note says which was picked, when not given."""
+    if args.projector:
+        return Path(args.projector), None
+    if args.adapter:
+        folder = Path(args.adapter)
+        for p in (folder / "mm_projector.bin", folder / "non_lora_trainables.bin", folder.parent / "mm_projector.bin"):
+            if p.is_file():
+                return p, f"projector {p} (found with --adapter)"
+    if args.random_projector:
+        return None, "warning: random projector (--random-projector): the reports are noise"
+    where = " (none in or beside the --adapter folder)" if args.adapter else ""
+    raise ValueError(f"--projector is missing{where}: give the trained mm_projector.bin; an untrained projector "
+                     f"gives meaningless reports (--random-projector allows it on purpose, for smoke tests)")
+
+
+def _check_paths(args):
+    """Missing inputs, refused before anything slow starts, each naming its flag."""
+    files = {"--test-json": args.test_json, "--predictions": args.predictions, "--ids": args.ids,
+             "--projector": args.projector, "--probe-train-json": args.probe_train_json}
+    for name, path in files.items():
+        if path is not None and not Path(path).is_file():
+            raise ValueError(f"{name} {path}: {'not a file' if Path(path).exists() else 'no such file'}")
+    folders = {"--image-root": args.image_root, "--adapter": args.adapter}
+    for name, path in folders.items():
+        if path is not None and not Path(path).is_dir():
+            raise ValueError(f"{name} {path}: {'not a folder' if Path(path).exists() else 'no such folder'}")
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise ValueError(f"--out {args.out}: is a file; --out takes a folder (it will hold predictions.jsonl, "
+                         "results.json, results.md, groups.png)")
+
+
+def _resolve(flag, path, patterns):
+    """A local model path, or a hub id fetched with the files the loader reads."""
+    try:
+        return resolve_path(path, patterns)
+    except FileNotFoundError as e:
+        raise ValueError(f"{flag} {e}") from None
+
+
+def _read_test(path, dataset, image_root, check_images):
+    try:
+        return read_llava_json(path, dataset, image_root, check_images=check_images)
+    except json.JSONDecodeError as e:  # its message has a position but not the file
+        raise ValueError(f"{path}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno}); "
+                         f"--test-json takes a JSON list of items") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: not UTF-8 text; --test-json takes a JSON list of items") from None
+
+
+def _read_ids(path):
+    text = _decode(Path(path).read_bytes(), path)
+    ids, seen = [], {}
+    for n, line in enumerate(text.split("\n"), 1):
+        item_id = line.strip()
+        if not item_id:
+            continue
+        if item_id in seen:
+            raise ValueError(f"{path} line {n}: id {_clip(item_id, 40)!r} is listed twice "
+                             f"(first on line {seen[item_id]})")
+        seen[item_id] = n
+        ids.append(item_id)
+    if not ids:
+        raise ValueError(f"{path}: no ids (--ids takes one record id per line)")
+    return ids
+
+
+def select_records(records, ids_file=None, limit=None):
+    """The records to evaluate: those listed in ids_file, then the first `limit` of them, in the
+    order of the test set."""
+    if ids_file is not None:
+        wanted = _read_ids(ids_file)
+        known = {r["id"] for r in records}
+        unknown = [i for i in wanted if i not in known]
+        if unknown:
+            raise ValueError(f"{ids_file}: {len(unknown)} ids are not in the test set, e.g. "
+                             f"{_clip(', '.join(map(repr, unknown[:3])), 60)}")
+        wanted = set(wanted)
+        records = [r for r in records if r["id"] in wanted]
+    return records[:limit] if limit else records
+
+
+def check_group_sizes(records, attributes, min_group_size):
+    """Refuse, before generating anything, an attribute with fewer than two groups big enough to
+    compare (a subset or a small test set), naming the flags that fix it."""
+    for a in attributes:
+        sizes = Counter(group_names(records, a))
+        if sum(n >= min_group_size for n in sizes.values()) < 2:
+            raise ValueError(f"attribute {a!r}: fewer than two groups with at least {min_group_size} records "
+                             f"(sizes {dict(sizes)}); lower --min-group-size or leave {a} out of --attributes")
+
+
+def _score_file(args, records, all_ids):
+    predictions = read_predictions(args.predictions)
+    if not predictions:
+        raise ValueError(f"--predictions {args.predictions}: no predictions in the file")
+    # predictions of test records outside the chosen subset are not scored; unknown ids still fail
+    keep = {r["id"] for r in records}
+    return [p for p in predictions if p["id"] in keep or p["id"] not in all_ids]
+
+
+def _load_for_run(args, out):
+    """Check everything a model run needs, claim out/predictions.jsonl, then load the model:
+    (model, tokenizer, predictions file). Every refusal comes before the slow model load."""
+    dtype = torch.bfloat16 if (args.device.startswith("cuda") and args.dtype == "bf16") else torch.float32
+    projector, note = _find_projector(args)
+    llm = _resolve("--llm", args.llm, ["*.json", "*.safetensors", "*.bin", "tokenizer*"])
+    vision = _resolve("--vision", args.vision, ["*.json", "*.bin", "*.safetensors"])
+    try:
+        tokenizer = load_tokenizer(args.tokenizer or llm)  # cheap, and its errors say how to fix them
+    except FileNotFoundError as e:
+        raise ValueError(f"{'--tokenizer' if args.tokenizer else '--llm'} {e}") from None
+    preds_file = claim_predictions(out, predictions_key(args, llm, vision, projector, dtype), args.overwrite)
+    if note:  # after the checks, so a refusal stays the only line on stderr
+        print(f"evaluate.py: {note}", file=sys.stderr)
+    model = load_model(str(llm), str(vision), projector, args.adapter, args.vision_heads, args.device, dtype)
+    return model, tokenizer, preds_file
+
+
+def _run_model(args, records, attributes, out):
+    """Generate (or resume) the predictions of `records`; -> (predictions, title, probe or None)."""
+    check_group_sizes(records, attributes, args.min_group_size)  # before hours of generation, not after
+    model, tokenizer, preds_file = _load_for_run(args, out)
+    vc = model.vision_tower.config
+    processor = ImageProcessor(size=vc.image_size, mean=vc.mean, std=vc.std)
+    predictions = generate_predictions(model, tokenizer, records, processor, preds_file,
+                                       args.batch_size, args.max_new_tokens)
+    title = args.title or (Path(args.adapter).parent.name if args.adapter else Path(args.llm).name)
+    probe = None
+    if args.probe_train_json:
+        train = _read_test(args.probe_train_json, args.dataset, args.image_root, check_images=True)
+        layer, tokens = probe_pooling(args.adapter)
+        probe = attribute_probe(model, tokenizer, processor, train, records, layer, tokens,
+                                max_train=args.probe_max_train, attributes=attributes, batch_size=args.batch_size)
+    return predictions, title, probe
 
 
 def main(argv=None):
     args = parse_args(argv)
     t0 = time.time()
+    _check_paths(args)
     out = Path(args.out)
-    records = read_llava_json(args.test_json, args.dataset, args.image_root, check_images=args.predictions is None)
-    if args.limit:
-        records = records[:args.limit]
+    all_records = _read_test(args.test_json, args.dataset, args.image_root, check_images=args.predictions is None)
+    records = select_records(all_records, args.ids, args.limit)
     attributes = tuple(args.attributes) if args.attributes else recorded_attributes(args.dataset)
     probe = None
     if args.predictions is not None:
-        predictions = read_predictions(args.predictions)
+        predictions = _score_file(args, records, {r["id"] for r in all_records})
+        match_predictions(predictions, records)  # a missing or unknown id is the first thing to fix
+        check_group_sizes(records, attributes, args.min_group_size)
         title = args.title or Path(args.predictions).stem
     else:
-        dtype = torch.bfloat16 if (args.device.startswith("cuda") and args.dtype == "bf16") else torch.float32
-        model = load_model(args.llm, args.vision, args.projector, args.adapter, args.vision_heads, args.device, dtype)
-        tokenizer = load_tokenizer(args.tokenizer or args.llm)
-        vc = model.vision_tower.config
-        processor = ImageProcessor(size=vc.image_size, mean=vc.mean, std=vc.std)
-        predictions = generate_predictions(model, tokenizer, records, processor, out / "predictions.jsonl",
-                                           args.batch_size, args.max_new_tokens)
-        title = args.title or (Path(args.adapter).parent.name if args.adapter else Path(args.llm).name)
-        if args.probe_train_json:
-            train = read_llava_json(args.probe_train_json, args.dataset, args.image_root)
-            layer, tokens = probe_pooling(args.adapter)
-            probe = attribute_probe(model, tokenizer, processor, train, records, layer, tokens,
-                                    max_train=args.probe_max_train, attributes=attributes, batch_size=args.batch_size)
+        predictions, title, probe = _run_model(args, records, attributes, out)
     results = score(predictions, records, attributes, args.dataset, args.n_resamples, args.seed,
                     args.min_group_size, args.m_all)
     if probe is not None:
@@ -575,8 +926,22 @@ def main(argv=None):
     return results
 
 
-if __name__ == "__main__":
+def _one_line(e):
+    """The message of a refused input as one line: an OS error as "path: reason", a multi-line
+    checkpoint report joined with "; "."""
+    if isinstance(e, OSError) and e.filename is not None:
+        return f"{e.filename}: {e.strerror}"
+    return "; ".join(part.strip() for part in str(e).splitlines() if part.strip())
+
+
+def cli(argv=None):
+    """main, with bad input ending as one line on stderr and exit status 1, not a traceback."""
     try:
-        main()
-    except (ValueError, FileNotFoundError) as e:  # bad input: one clear line, no traceback
-        sys.exit(f"evaluate.py: error: {e}")
+        return main(argv)
+    except (ValueError, OSError) as e:
+        print(f"evaluate.py: error: {_one_line(e)}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    cli()

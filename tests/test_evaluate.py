@@ -240,10 +240,10 @@ def test_bad_input_is_refused_naming_what_is_wrong(bench, case):
 def test_unreadable_prediction_files_name_the_line(tmp_path):
     path = tmp_path / "p.jsonl"
     path.write_text('{"id": "a", "prediction": "x"}\n\n{"id": "b", "answer": "y"}\n')
-    with pytest.raises(ValueError, match=r"p\.jsonl:3: needs an id"):
+    with pytest.raises(ValueError, match=r"p\.jsonl line 3: needs an id"):
         E.read_predictions(path)
     path.write_text('{"id": "a", "prediction": "x"}\n{"id": "b", \n')
-    with pytest.raises(ValueError, match=r"p\.jsonl:2: not valid JSON"):
+    with pytest.raises(ValueError, match=r"p\.jsonl line 2: not valid JSON"):
         E.read_predictions(path)
 
 
