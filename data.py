@@ -26,6 +26,7 @@ import argparse
 import csv
 import json
 import math
+import struct
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -411,24 +412,194 @@ SYSTEM_PROMPT = ("A chat between a curious user and an artificial intelligence a
                  "The assistant gives helpful, detailed, and polite answers to the user's questions.")
 
 
-def load_tokenizer(path):
-    """A `tokenizers` tokenizer.json (file or folder). Vicuna ships only the SentencePiece
-    tokenizer.model; its vocabulary is Llama-2's, whose tokenizer.json is published e.g. in
-    hf-internal-testing/llama-tokenizer — put that file next to the weights."""
-    from tokenizers import Tokenizer
+def tokenizer_file(path):
+    """The file load_tokenizer reads for `path`: the path itself, or in a folder its tokenizer.json,
+    else its SentencePiece tokenizer.model (Vicuna ships only that one)."""
     p = Path(path)
     if p.is_dir():
-        if not (p / "tokenizer.json").is_file():
-            hint = " (only tokenizer.model found: use Llama-2's tokenizer.json, see README)" \
-                if (p / "tokenizer.model").is_file() else ""
-            raise FileNotFoundError(f"{p}: no tokenizer.json{hint}")
-        p = p / "tokenizer.json"
+        found = [p / name for name in ("tokenizer.json", "tokenizer.model") if (p / name).is_file()]
+        if not found:
+            raise FileNotFoundError(f"{p}: no tokenizer.json or tokenizer.model")
+        p = found[0]
     if not p.is_file():
         raise FileNotFoundError(f"{p}: tokenizer file not found")
+    return p
+
+
+def load_tokenizer(path):
+    """A tokenizers.Tokenizer from the file tokenizer_file(path) picks: a tokenizer.json as it is, a
+    SentencePiece tokenizer.model converted by sentencepiece_tokenizer."""
+    from tokenizers import Tokenizer
+    p = tokenizer_file(path)
+    if p.suffix == ".model":
+        return sentencepiece_tokenizer(p)
     try:
         return Tokenizer.from_file(str(p))
     except Exception as e:  # the tokenizers library reports a bad file as a bare Exception
         raise ValueError(f"{p}: not a readable tokenizers file ({short(str(e))})") from None
+
+
+# SentencePiece tokenizer.model -> tokenizers.Tokenizer. The file is a serialized protobuf
+# ModelProto (sentencepiece_model.proto); we read the few fields encoding depends on with a small
+# reader of the wire format rather than depend on protobuf and sentencepiece.
+
+class _Corrupt(Exception):
+    pass
+
+
+def _varint(buf, pos):
+    value, shift = 0, 0
+    while shift < 70:
+        if pos >= len(buf):
+            raise _Corrupt("ends inside a number")
+        byte = buf[pos]
+        value, pos, shift = value | (byte & 0x7F) << shift, pos + 1, shift + 7
+        if byte < 0x80:
+            return value, pos
+    raise _Corrupt("a number is longer than 10 bytes")
+
+
+def _wire_fields(buf):
+    """(field number, value) of each field of one serialized message: a varint as an int, a
+    length-delimited / fixed32 / fixed64 field as its bytes."""
+    pos = 0
+    while pos < len(buf):
+        key, pos = _varint(buf, pos)
+        number, wire = key >> 3, key & 7
+        if wire == 0:
+            value, pos = _varint(buf, pos)
+        elif wire in (1, 2, 5):
+            size, pos = _varint(buf, pos) if wire == 2 else (8 if wire == 1 else 4, pos)
+            value, pos = buf[pos:pos + size], pos + size
+            if pos > len(buf):
+                raise _Corrupt(f"ends inside field {number}")
+        else:  # 3/4 (groups) and 6/7 do not occur in a SentencePiece model
+            raise _Corrupt(f"field {number} has wire type {wire}")
+        yield number, value
+
+
+# field number -> (name, kind, proto2 default): only the fields that encoding depends on
+_PIECE = {1: ("piece", "str", ""), 2: ("score", "float", 0.0), 3: ("type", "int", 1)}
+# (trainer options such as split_digits shape the pieces; encoding needs only the pieces themselves)
+_TRAINER = {3: ("model_type", "int", 1), 24: ("treat_whitespace_as_suffix", "bool", False),
+            35: ("byte_fallback", "bool", False), 40: ("unk_id", "int", 0), 41: ("bos_id", "int", 1)}
+_NORMALIZER = {1: ("name", "str", ""), 2: ("precompiled_charsmap", "bytes", b""),
+               3: ("add_dummy_prefix", "bool", True), 4: ("remove_extra_whitespaces", "bool", True),
+               5: ("escape_whitespaces", "bool", True)}
+_MODEL = {1: ("pieces", [_PIECE], None), 2: ("trainer_spec", _TRAINER, None), 3: ("normalizer_spec", _NORMALIZER, None)}
+PIECE_TYPES = {1: "NORMAL", 2: "UNKNOWN", 3: "CONTROL", 4: "USER_DEFINED", 5: "UNUSED", 6: "BYTE"}
+MODEL_TYPES = {1: "UNIGRAM", 2: "BPE", 3: "WORD", 4: "CHAR"}
+
+
+def _message(buf, schema):
+    """One message -> {name: value} for the fields in `schema`, proto2 defaults for absent ones."""
+    out = {name: [] if isinstance(kind, list) else default for name, kind, default in schema.values()}
+    for number, value in _wire_fields(buf):
+        if number in schema:  # other fields (training options, self-test data) do not matter here
+            name, kind, _ = schema[number]
+            if isinstance(kind, list):  # a repeated field
+                out[name].append(_value(value, kind[0], name))
+            else:
+                out[name] = _value(value, kind, name)
+    return out
+
+
+def _value(value, kind, name):
+    """A field's wire value as `kind`: "int", "bool", "float", "str", "bytes" or a message schema."""
+    if isinstance(value, int) != (kind in ("int", "bool")) or (kind == "float" and len(value) != 4):
+        raise _Corrupt(f"field {name} has the wrong wire type")
+    if isinstance(kind, dict):
+        return _message(value, kind)
+    if kind == "int":
+        return value - (1 << 64) if value >= 1 << 63 else value  # a negative int32 (pad_id -1) is 64-bit
+    if kind == "float":
+        return struct.unpack("<f", value)[0]
+    return bool(value) if kind == "bool" else value.decode("utf-8") if kind == "str" else value
+
+
+def read_sentencepiece_model(path):
+    """tokenizer.model -> {pieces: [{piece, score, type}], trainer_spec: {...}, normalizer_spec: {...}}.
+    A truncated or corrupt file is a one-line ValueError naming it."""
+    try:
+        model = _message(Path(path).read_bytes(), _MODEL)
+    except (_Corrupt, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not a readable SentencePiece model ({e}); is the file truncated?") from None
+    for name in ("pieces", "trainer_spec", "normalizer_spec"):
+        if not model[name]:
+            raise ValueError(f"{path}: not a SentencePiece model: it has no {name}; is the file truncated?")
+    return model
+
+
+def _check_supported(model, path):
+    """Refuse what the conversion below would not reproduce exactly. It covers what Llama (and
+    Vicuna) use: BPE, byte fallback, identity normalization with the dummy prefix and spaces kept."""
+    spec, norm, pieces = model["trainer_spec"], model["normalizer_spec"], model["pieces"]
+    types, unk, kind = [p["type"] for p in pieces], spec["unk_id"], spec["model_type"]
+    problems = [  # (is it so, what the file has)
+        (kind != 2, f"trainer_spec.model_type is {MODEL_TYPES.get(kind, kind)}"),
+        (not spec["byte_fallback"], "trainer_spec.byte_fallback is false"),
+        (types.count(6) != 256, f"it has {types.count(6)} BYTE pieces, not 256"),
+        (spec["treat_whitespace_as_suffix"], "trainer_spec.treat_whitespace_as_suffix is true"),
+        (norm["precompiled_charsmap"] != b"", f"normalizer_spec has a precompiled_charsmap ({norm['name']!r})"),
+        (norm["remove_extra_whitespaces"], "normalizer_spec.remove_extra_whitespaces is true"),
+        (not norm["escape_whitespaces"], "normalizer_spec.escape_whitespaces is false"),
+        (not set(types) <= {1, 2, 3, 6}, "pieces include " + ", ".join(
+            PIECE_TYPES.get(t, f"type {t}") for t in sorted(set(types) - {1, 2, 3, 6})) + " ones"),
+        (not 0 <= unk < len(pieces) or types[unk] != 2, f"trainer_spec.unk_id {unk} is not an UNKNOWN piece"),
+        (len({p["piece"] for p in pieces}) != len(pieces), "two pieces are the same string"),
+    ]
+    for bad, what in problems:
+        if bad:
+            raise ValueError(f"{path}: {what}; only BPE with byte_fallback and identity normalization "
+                             f"(as in Llama's tokenizer.model) is supported")
+
+
+def _bpe_merges(pieces):
+    """SentencePiece BPE merges the adjacent pair of symbols whose concatenation is the
+    highest-scoring piece; `tokenizers` BPE merges the pair of lowest rank. So every split of a
+    NORMAL piece into two NORMAL pieces (the only symbols SentencePiece merges) is a merge, ranked
+    by the merged piece's score, then its id, then the shorter left part first, as HF converts
+    Llama's tokenizer (that last tie matters only when two overlapping pairs make the same piece)."""
+    normal = {p["piece"]: i for i, p in enumerate(pieces) if p["type"] == 1}
+    ranked = []
+    for piece, i in normal.items():
+        for k in range(1, len(piece)):
+            left, right = piece[:k], piece[k:]
+            if left in normal and right in normal:
+                ranked.append((-pieces[i]["score"], i, k, left, right))
+    ranked.sort(key=lambda m: m[:3])
+    return [(left, right) for *_, left, right in ranked]
+
+
+def sentencepiece_tokenizer(path):
+    """A SentencePiece BPE tokenizer.model as a tokenizers.Tokenizer that gives the ids and text of
+    SentencePiece itself (and of HF's LlamaTokenizer, which splits special tokens such as "</s>"
+    out of the text first: so do we). encode() adds the BOS as Llama does."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, processors
+    model = read_sentencepiece_model(path)
+    _check_supported(model, path)
+    pieces, spec, norm = model["pieces"], model["trainer_spec"], model["normalizer_spec"]
+    vocab = {p["piece"]: i for i, p in enumerate(pieces)}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=_bpe_merges(pieces), unk_token=pieces[spec["unk_id"]]["piece"],
+                               fuse_unk=True, byte_fallback=True))
+    # SentencePiece's normalizer (identity rules): the dummy-prefix "▁" before a non-empty text,
+    # then every space written "▁". No pre-tokenizer: SentencePiece's BPE runs over the whole text.
+    prefix = [normalizers.Prepend("▁")] if norm["add_dummy_prefix"] else []
+    tok.normalizer = normalizers.Sequence(prefix + [normalizers.Replace(" ", "▁")])
+    # Control and unknown pieces are special tokens: matched in the raw text as HF's LlamaTokenizer
+    # does (SentencePiece alone would spell "</s>" out), and dropped by skip_special_tokens. The text
+    # between them is normalized piece by piece, each with its dummy prefix, as the "legacy"
+    # LlamaTokenizer does (the v1 template never puts text after a "</s>", so legacy or not agree).
+    tok.add_special_tokens([AddedToken(p["piece"], special=True, normalized=False)
+                            for p in pieces if p["type"] in (2, 3)])
+    # SentencePiece drops the first "▁" of the decoded text: the dummy prefix
+    strip = [decoders.Strip(" ", 1, 0)] if norm["add_dummy_prefix"] else []
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()] + strip)
+    if 0 <= spec["bos_id"] < len(pieces):
+        bos = pieces[spec["bos_id"]]["piece"]
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{bos}:0 $A:0", pair=f"{bos}:0 $A:0 {bos}:1 $B:1", special_tokens=[(bos, spec["bos_id"])])
+    return tok
 
 
 def conversation_prompt(question, answer=None, system=SYSTEM_PROMPT):

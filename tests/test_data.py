@@ -88,8 +88,10 @@ def test_tokenizer_image_sentinel(tmp_path):
 
 
 def test_tokenizer_missing(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no tokenizer.json or tokenizer.model"):
+        load_tokenizer(tmp_path)
     (tmp_path / "tokenizer.model").write_bytes(b"")
-    with pytest.raises(FileNotFoundError, match="only tokenizer.model found"):
+    with pytest.raises(ValueError, match="tokenizer.model: not a SentencePiece model"):
         load_tokenizer(tmp_path)
 
 
