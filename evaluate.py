@@ -41,9 +41,12 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import sys
+import tempfile
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -51,11 +54,12 @@ import torch
 from tqdm import tqdm
 
 import metrics
-from data import (ATTRIBUTES, DATASETS, UNKNOWN, ImageProcessor, ReportDataset, collate, conversation_prompt, load_image,
-                  load_tokenizer, read_llava_json, tokenize_with_image)
+from data import (ATTRIBUTES, DATASETS, UNKNOWN, DataError, ImageProcessor, ReportDataset, collate, conversation_prompt,
+                  load_image, load_tokenizer, read_llava_json, tokenize_with_image, tokenizer_file)
 from fairness import FairnessConfig, fit_linear_probe, pool_hidden, token_mask
-from lora import load_peft_adapter, merge_lora
-from model import generate, load_llava, resolve_path, weight_files
+from lora import check_adapter_files, load_peft_adapter, merge_lora
+from model import (CheckpointError, check_llama_files, check_projector_file, check_vision_files, generate, load_llava,
+                   resolve_path, vision_image_size, weight_files)
 
 # The metrics of each data set, and which of them make the paper's equity-scaled table and the chart.
 # short column name -> metric name. The paper's clinical column is RadGraph-F1 (MIMIC main table) and
@@ -565,18 +569,13 @@ def _adapter_files(folder):
     return [folder / n for n in names if (folder / n).is_file()]
 
 
-def _tokenizer_file(path):
-    path = Path(path)
-    return path / "tokenizer.json" if path.is_dir() else path
-
-
 def predictions_key(args, llm, vision, projector, dtype):
     """What the predictions of a model run depend on (llm, vision: the resolved folders / files).
     Leaves out what does not change them: the batch size (batched greedy decoding equals one prompt
     at a time), the device, --limit/--ids (a subset's predictions are those of the whole set), and
     the scoring flags."""
     test = Path(args.test_json)
-    tokenizer = _tokenizer_file(args.tokenizer or llm)
+    tokenizer = tokenizer_file(args.tokenizer or llm)
     return {
         "version": KEY_VERSION,
         "llm": _source(llm, _llm_files(llm)),
@@ -644,6 +643,284 @@ def claim_predictions(out_dir, key, overwrite=False):
     tmp.write_text(json.dumps(key, indent=1))
     os.replace(tmp, key_file)  # a kill leaves the old key or the new one, never half of one
     return preds
+
+
+# ----------------------------------------------------------------------------------------------
+# Preflight: every input of a run checked in seconds, so that a cluster job fails before it queues
+# for a GPU rather than 20 minutes in. Checkpoints are checked from their headers (model.py's
+# check_*_files build the model on the meta device), data in full. train.py adds its own checks.
+
+GIB = 1024 ** 3
+LOCAL_MODEL_PATTERNS = {"--llm": ["*.json", "*.safetensors", "*.bin", "tokenizer*"],
+                        "--vision": ["*.json", "*.bin", "*.safetensors"]}
+
+
+class Preflight:
+    """A table of checks, one row each: (name, "ok" | "problem" | "skipped", detail). A check is a
+    function returning its detail line, or (detail, value) to hand a value to later checks; a
+    ValueError or OSError it raises (CheckpointError and DataError are ValueErrors) becomes a
+    problem row holding the error's one-line message."""
+
+    def __init__(self):
+        self.rows = []
+
+    def check(self, name, fn):
+        try:
+            result = fn()
+        except (ValueError, OSError) as e:
+            self.rows.append((name, "problem", _one_line(e)))
+            return None
+        detail, value = result if isinstance(result, tuple) else (result, None)
+        self.rows.append((name, "ok", detail))
+        return value
+
+    def skip(self, name, why):
+        self.rows.append((name, "skipped", why))
+
+    def problems(self):
+        return [f"{name}: {detail}" for name, status, detail in self.rows if status == "problem"]
+
+    def report(self, prog):
+        """Print the table, then one line per problem on stderr -> the exit status (0 or 2)."""
+        width = max(len(name) for name, _, _ in self.rows)
+        print(f"{'check':<{width}}  {'result':<8}  detail")
+        for name, status, detail in self.rows:
+            print(f"{name:<{width}}  {status:<8}  {detail}")
+        problems = self.problems()
+        print(f"preflight: {len(problems)} problem(s); " + ("the run would not start" if problems else "the run would start"))
+        for line in problems:
+            print(f"{prog}: preflight: {line}", file=sys.stderr)
+        return 2 if problems else 0
+
+
+def _find_input(path, kind, flag):
+    """One input path -> (detail, resolved Path). kind: "file", "folder", "file or folder", or
+    "model" (a local path, or a hub id already in the local cache: the preflight never downloads)."""
+    if kind == "model":
+        p = resolve_path(path, LOCAL_MODEL_PATTERNS.get(flag), cache_only=True)
+        return (str(p) if str(p) == str(path) else f"{path} -> {p}"), p
+    p = Path(path)
+    ok = {"file": p.is_file(), "folder": p.is_dir(), "file or folder": p.exists()}[kind]
+    if not ok:
+        raise FileNotFoundError(f"{path}: {'no such ' + kind if not p.exists() else 'not a ' + kind}")
+    return str(p), p
+
+
+def preflight_paths(pf, inputs, required=()):
+    """inputs {flag: (path or "", kind)} -> {flag: resolved Path} of those that resolve; one row each.
+    An empty path is fine (the input is optional) unless its flag is in `required`."""
+    found = {}
+    for flag, (path, kind) in inputs.items():
+        if not path:
+            if flag in required:
+                pf.check(f"path {flag}", lambda flag=flag: _raise(ValueError(f"{flag} is required")))
+            continue
+        p = pf.check(f"path {flag}", lambda path=path, kind=kind, flag=flag: _find_input(path, kind, flag))
+        if p is not None:
+            found[flag] = p
+    return found
+
+
+def _raise(e):
+    raise e
+
+
+def _llm_row(llm):
+    cfg, sd = check_llama_files(llm)
+    n = sum(v.numel() for k, v in sd.items() if not (cfg.tie_word_embeddings and k == "lm_head.weight"))
+    rows = sd["model.embed_tokens.weight"].shape[0]
+    return (f"{len(sd)} tensors match: {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, "
+            f"embedding {rows} x {cfg.hidden_size}, {n:,} parameters"), (cfg, rows)
+
+
+def _vision_row(vision, heads):
+    cfg, f = check_vision_files(vision, heads)
+    return (f"{Path(f).name}: ViT width {cfg.width}, depth {cfg.depth}, {cfg.num_heads} heads, "
+            f"patch {cfg.patch_size}, {cfg.grid}x{cfg.grid} grid"), (cfg, f)
+
+
+def _projector_row(path, vis, llm):
+    check_projector_file(path, vis.width, llm.hidden_size)
+    return f"mm_projector {vis.width} -> {llm.hidden_size} -> {llm.hidden_size}"
+
+
+def _adapter_row(llm, adapter, flags):
+    own = check_adapter_files(llm, str(adapter), flags)
+    targets = own.targets if isinstance(own.targets, str) else ",".join(own.targets)
+    against = "matches the --lora-* flags; " if flags is not None else ""
+    return f"r {own.r}, alpha {own.alpha:g}, targets {targets}: {against}tensor shapes match"
+
+
+def _tokenizer_row(path, llm, rows):
+    """The tokenizer's ids must index into the embedding matrix: an id past its last row fails only
+    when a batch first holds that token, which may be hours in."""
+    tok = load_tokenizer(path)
+    vocab = tok.get_vocab_size()
+    if vocab > rows:
+        raise CheckpointError(f"{path}: vocabulary of {vocab} tokens is larger than the embedding matrix "
+                              f"({rows} rows): ids {rows}..{vocab - 1} would index past it")
+    ids = {"bos <s>": tok.token_to_id("<s>"), "eos </s>": tok.token_to_id("</s>"), "pad": llm.pad_token_id}
+    if ids["eos </s>"] is None:
+        raise CheckpointError(f"{path}: no '</s>' token (every training answer ends with it)")
+    bad = [f"{name} id {i}" for name, i in ids.items() if i is not None and not 0 <= i < rows]
+    if bad:
+        raise CheckpointError(f"{path}: {', '.join(bad)} outside the embedding matrix ({rows} rows)")
+    shown = ", ".join(f"{name} {i}" for name, i in ids.items())
+    return f"vocabulary {vocab} <= embedding rows {rows}; {shown}", tok
+
+
+def _image_size_row(vis, vision_file):
+    """The processor resizes to the tower's image_size (train.py and evaluate.py build it from the
+    tower's config); a config beside the weights that says otherwise means another preprocessing
+    than the one the tower was trained with, or a tower whose pos_embed was resized."""
+    processor = ImageProcessor(vis.image_size, vis.mean, vis.std)
+    bad = {f: s for f, s in vision_image_size(vision_file).items() if s != processor.size}
+    for f, s in bad.items():
+        raise CheckpointError(f"{f}: image_size {s} but the tower's pos_embed holds a {vis.grid}x{vis.grid} grid "
+                              f"of {vis.patch_size}-px patches ({processor.size} px)")
+    return f"processor {processor.size} px = {vis.grid} x {vis.patch_size}-px patches ({vis.grid ** 2 + 1} positions)"
+
+
+def preflight_model(pf, paths, vision_heads=None, lora_flags=None, tokenizer_flag="--tokenizer"):
+    """Checkpoint keys and shapes, tokenizer vs embedding, image size; paths: preflight_paths'.
+    lora_flags: the LoRA the run wraps the model with before loading --adapter (None: the adapter's
+    own). -> (LlamaConfig, VisionConfig, tokenizer), each None when its check failed."""
+    llm = vis = tok = None
+    if "--llm" in paths:
+        llm, rows = pf.check("llm checkpoint", lambda: _llm_row(paths["--llm"])) or (None, None)
+    else:
+        pf.skip("llm checkpoint", "no --llm path")
+    if "--vision" in paths:
+        vis, vision_file = pf.check("vision checkpoint", lambda: _vision_row(paths["--vision"], vision_heads)) \
+            or (None, None)
+    else:
+        pf.skip("vision checkpoint", "no --vision path")
+    parts = llm is not None and vis is not None
+    if "--projector" in paths:
+        if parts:
+            pf.check("projector", lambda: _projector_row(paths["--projector"], vis, llm))
+        else:
+            pf.skip("projector", "needs the llm and vision checks to pass")
+    if "--adapter" in paths:
+        if llm is not None:
+            pf.check("adapter", lambda: _adapter_row(llm, paths["--adapter"], lora_flags))
+        else:
+            pf.skip("adapter", "needs the llm check to pass")
+    tok_path = paths.get(tokenizer_flag, paths.get("--llm"))
+    if llm is not None and tok_path is not None:
+        tok = pf.check("tokenizer", lambda: _tokenizer_row(tok_path, llm, rows))
+    else:
+        pf.skip("tokenizer", "needs the llm check to pass")
+    if vis is not None:
+        pf.check("image size", lambda: _image_size_row(vis, vision_file))
+    else:
+        pf.skip("image size", "needs the vision check to pass")
+    return llm, vis, tok
+
+
+def decode_images(records, path):
+    """Decode every image fully, in threads (Pillow's decoders release the GIL): a truncated file
+    passes a header check and fails only when a batch reaches it."""
+    with ThreadPoolExecutor(min(32, os.cpu_count() or 1)) as pool:
+        errors = [e for e in pool.map(_decode_error, records) if e is not None]
+    if errors:
+        raise DataError(f"{path}: {errors[0]} ({len(errors)} of {len(records)} images fail to decode)")
+
+
+def _decode_error(record):
+    try:
+        load_image(record["image"], record["id"])
+    except DataError as e:
+        return str(e)
+    return None
+
+
+def group_counts(records, dataset):
+    """"race: white 12, black 8; age: ..." over the attributes the data set records."""
+    parts = []
+    for a in recorded_attributes(dataset):
+        counts = Counter(group_names(records, a))
+        parts.append(f"{a}: " + ", ".join(f"{k} {v}" for k, v in counts.most_common()))
+    return "; ".join(parts)
+
+
+def preflight_records(pf, name, path, dataset, image_root):
+    """A LLaVA JSON validated in full (fields, demographics, every image decoded) -> its records."""
+    def row():
+        records = read_llava_json(path, dataset, image_root)
+        decode_images(records, path)
+        return f"{len(records)} items valid, images decoded; {group_counts(records, dataset)}", records
+    return pf.check(name, row)
+
+
+def _nearest_existing(path):
+    p = Path(path).absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return p
+
+
+def preflight_out(pf, out, need_bytes=0, what=""):
+    """--out writable with room for need_bytes. The only write: a temp file, created and deleted in
+    --out (or in its nearest existing parent, where the run would create it)."""
+    def row():
+        folder = _nearest_existing(out)
+        if not folder.is_dir():
+            raise ValueError(f"--out {out}: {folder} is a file, not a folder")
+        try:
+            with tempfile.NamedTemporaryFile(dir=folder, prefix=".preflight-"):
+                pass
+        except OSError as e:
+            raise ValueError(f"--out {out}: cannot write in {folder} ({e.strerror})") from None
+        free = shutil.disk_usage(folder).free
+        if need_bytes > free:
+            raise ValueError(f"--out {out}: {free / GIB:.2f} GiB free in {folder}, {what} need {need_bytes / GIB:.2f} GiB")
+        where = "exists" if folder == Path(out).absolute() else f"will be created in {folder}"
+        room = f"; {what} need {need_bytes / GIB:.2f} GiB" if need_bytes else ""
+        return f"writable ({where}); {free / GIB:.1f} GiB free{room}"
+    pf.check("out folder", row)
+
+
+def preflight(args):
+    """evaluate.py --preflight: the inputs of this evaluation, checked without running anything."""
+    pf = Preflight()
+    paths = preflight_paths(pf, {
+        "--llm": (args.llm, "model"), "--vision": (args.vision, "model"), "--adapter": (args.adapter, "folder"),
+        "--tokenizer": (args.tokenizer, "file or folder"), "--test-json": (args.test_json, "file"),
+        "--image-root": (args.image_root, "folder"), "--predictions": (args.predictions, "file"),
+        "--ids": (args.ids, "file"), "--probe-train-json": (args.probe_train_json, "file")}, required=("--test-json",))
+    if args.predictions is None:
+        projector = pf.check("path --projector", lambda: _projector_path(args))
+        if projector is not None:
+            paths["--projector"] = projector
+        preflight_model(pf, paths, args.vision_heads or None)
+    records = None
+    if "--test-json" in paths:
+        records = preflight_records(pf, "test json", args.test_json, args.dataset, args.image_root)
+    if records is not None:
+        attributes = tuple(args.attributes) if args.attributes else recorded_attributes(args.dataset)
+        pf.check("group sizes", lambda: _group_sizes_row(records, args, attributes))
+    else:
+        pf.skip("group sizes", "needs the test json to pass")
+    if args.probe_train_json and "--probe-train-json" in paths:
+        preflight_records(pf, "probe train json", args.probe_train_json, args.dataset, args.image_root)
+    preflight_out(pf, args.out)
+    return pf.report("evaluate.py")
+
+
+def _projector_path(args):
+    path, note = _find_projector(args)
+    if path is None:
+        return note, None
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    return str(path) + (f" ({note})" if note else ""), path
+
+
+def _group_sizes_row(records, args, attributes):
+    chosen = select_records(records, args.ids, args.limit)
+    check_group_sizes(chosen, attributes, args.min_group_size)
+    return f"{len(chosen)} records scored; every attribute has >= 2 groups of >= {args.min_group_size}"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -722,7 +999,7 @@ def parse_args(argv=None):
     ap.add_argument("--random-projector", action="store_true",
                     help="run with an untrained, random projector on purpose (smoke tests: the reports are noise)")
     ap.add_argument("--adapter", default=None, help="PEFT LoRA adapter folder, merged into the LLM")
-    ap.add_argument("--tokenizer", default=None, help="tokenizer.json or its folder (default: the --llm folder)")
+    ap.add_argument("--tokenizer", default=None, help="tokenizer.json or tokenizer.model (SentencePiece), or their folder (default: the --llm folder)")
     ap.add_argument("--overwrite", action="store_true",
                     help="discard the predictions and results already in --out and start afresh")
     ap.add_argument("--batch-size", type=_int_at_least(1), default=16, help="reports generated per batch")
@@ -746,6 +1023,10 @@ def parse_args(argv=None):
                     help="also fit a linear attribute probe on h, trained on this JSON (model mode only)")
     ap.add_argument("--probe-max-train", type=_int_at_least(1), default=1000, help="training records for the probe")
     ap.add_argument("--title", default="", help="title of the table and the chart")
+    ap.add_argument("--preflight", action="store_true",
+                    help="check every input in seconds (paths, checkpoint keys and shapes from their headers, "
+                         "tokenizer vs embedding, image size, the test JSON with its images decoded, group sizes, "
+                         "--out writable) and print one table; exit 0 if the run would start, else 2")
     args = ap.parse_args(argv)
     flag = lambda name: "--" + name.replace("_", "-")
     if args.predictions is not None:
@@ -902,6 +1183,8 @@ def _run_model(args, records, attributes, out):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.preflight:
+        sys.exit(preflight(args))
     t0 = time.time()
     _check_paths(args)
     out = Path(args.out)

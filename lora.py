@@ -52,7 +52,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from model import check_state_dict, load_tensors
+from model import CheckpointError, Llama, check_state_dict, checkpoint_shapes, load_tensors
 
 PEFT_PREFIX = "base_model.model."
 
@@ -292,29 +292,33 @@ def _read_adapter_config(config_path: str) -> dict:
     return config
 
 
-def load_peft_adapter(model: nn.Module, adapter_dir: str) -> LoRAConfig:
-    """Load a PEFT LoRA adapter into `model` (the Llama module), wrapping it first with the adapter's
-    r / alpha / dropout / targets if it has no LoRA layers yet. Strict: keys and shapes must match."""
-    config_path = os.path.join(adapter_dir, "adapter_config.json")
-    config = _read_adapter_config(config_path)
+def _lora_config_of(config: dict, config_path: str) -> LoRAConfig:
+    """A PEFT adapter_config.json dict -> LoRAConfig, refusing the PEFT options not implemented here."""
     if config.get("peft_type", "LORA") != "LORA":
         raise ValueError(f"{config_path}: peft_type {config['peft_type']!r} is not LORA")
     for field, off in _PEFT_UNSUPPORTED.items():
         if config.get(field, off) not in (off, None):
             raise ValueError(f"{config_path}: {field}={config[field]!r} is not supported here (only {off!r})")
     targets = config["target_modules"]
-    cfg = LoRAConfig(r=config["r"], alpha=config["lora_alpha"], dropout=config.get("lora_dropout", 0.0),
-                     targets=targets if isinstance(targets, str) else tuple(targets))
+    return LoRAConfig(r=config["r"], alpha=config["lora_alpha"], dropout=config.get("lora_dropout", 0.0),
+                      targets=targets if isinstance(targets, str) else tuple(targets))
 
-    st_path = os.path.join(adapter_dir, "adapter_model.safetensors")
-    bin_path = os.path.join(adapter_dir, "adapter_model.bin")
-    if os.path.exists(st_path) or os.path.exists(bin_path):
-        # load_tensors names the file when it cannot be read (truncated download, not safetensors)
-        path = st_path if os.path.exists(st_path) else bin_path
-        sd = load_tensors(path)
-    else:
-        raise FileNotFoundError(f"{adapter_dir}: neither adapter_model.safetensors nor adapter_model.bin")
 
+def _adapter_weights(adapter_dir: str) -> str:
+    for name in ("adapter_model.safetensors", "adapter_model.bin"):
+        if os.path.exists(os.path.join(adapter_dir, name)):
+            return os.path.join(adapter_dir, name)
+    raise FileNotFoundError(f"{adapter_dir}: neither adapter_model.safetensors nor adapter_model.bin")
+
+
+def load_peft_adapter(model: nn.Module, adapter_dir: str) -> LoRAConfig:
+    """Load a PEFT LoRA adapter into `model` (the Llama module), wrapping it first with the adapter's
+    r / alpha / dropout / targets if it has no LoRA layers yet. Strict: keys and shapes must match."""
+    config_path = os.path.join(adapter_dir, "adapter_config.json")
+    cfg = _lora_config_of(_read_adapter_config(config_path), config_path)
+    # load_tensors names the file when it cannot be read (truncated download, not safetensors)
+    path = _adapter_weights(adapter_dir)
+    sd = load_tensors(path)
     if not lora_layers(model):
         apply_lora(model, cfg)
     else:  # already wrapped: r is checked by the shapes below, alpha has to be checked here
@@ -323,3 +327,28 @@ def load_peft_adapter(model: nn.Module, adapter_dir: str) -> LoRAConfig:
             raise ValueError(f"{config_path}: lora_alpha {cfg.alpha} but the model's LoRA layers have alpha {alphas}")
     _load_lora_tensors(model, {_from_peft_key(k): v for k, v in sd.items()}, path)
     return cfg
+
+
+def _targets(t) -> list:
+    return [t] if isinstance(t, str) else sorted(t)
+
+
+def check_adapter_files(llm_cfg, adapter_dir: str, flags: LoRAConfig | None = None) -> LoRAConfig:
+    """load_peft_adapter's checks without loading a tensor: the adapter's config against `flags`
+    (training wraps the model with the flags' LoRA first, then loads the adapter into it; None: the
+    adapter's own settings are used, as evaluation does), then the adapter's tensor shapes against
+    a meta-device Llama of llm_cfg wrapped with those settings. -> the adapter's LoRAConfig."""
+    config_path = os.path.join(adapter_dir, "adapter_config.json")
+    own = _lora_config_of(_read_adapter_config(config_path), config_path)
+    if flags is not None:
+        diff = [f"{name} {a} vs the flags' {b}" for name, a, b in
+                (("r", own.r, flags.r), ("lora_alpha", own.alpha, flags.alpha),
+                 ("target_modules", _targets(own.targets), _targets(flags.targets))) if a != b]
+        if diff:
+            raise CheckpointError(f"{config_path}: " + "; ".join(diff))
+    with torch.device("meta"):
+        llm = Llama(llm_cfg)
+        apply_lora(llm, flags or own)
+    path = _adapter_weights(adapter_dir)
+    check_state_dict(lora_state_dict(llm), {_from_peft_key(k): v for k, v in checkpoint_shapes(path).items()}, path)
+    return own

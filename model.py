@@ -595,19 +595,21 @@ def generate(model, prompts, pixel_values=None, max_new_tokens=256, temperature=
 # Checkpoint loading
 
 
-def resolve_path(path_or_repo, allow_patterns=None):
+def resolve_path(path_or_repo, allow_patterns=None, cache_only=False):
     """A local file/folder, or a hub repo id fetched (or found in the local cache) through
-    huggingface_hub. Nothing here is needed by the tests or the demo, which use local folders."""
+    huggingface_hub. Nothing here is needed by the tests or the demo, which use local folders.
+    cache_only: never download (the preflight checks what is already here, in seconds)."""
     p = Path(path_or_repo).expanduser()
     if p.exists():
         return p
     if not re.fullmatch(r"[\w.-]+/[\w.-]+", str(path_or_repo)):
         raise FileNotFoundError(f"{path_or_repo}: no such file or folder (and not a hub repo id 'org/name')")
-    from huggingface_hub import snapshot_download
     try:
-        return Path(snapshot_download(str(path_or_repo), allow_patterns=allow_patterns))
+        from huggingface_hub import snapshot_download
+        return Path(snapshot_download(str(path_or_repo), allow_patterns=allow_patterns, local_files_only=cache_only))
     except Exception as e:  # offline, unknown repo, gated...: say which and why
-        raise FileNotFoundError(f"{path_or_repo}: not a local path, and the hub download failed: {e}") from e
+        how = "is not in the local hub cache (download it first)" if cache_only else "the hub download failed"
+        raise FileNotFoundError(f"{path_or_repo}: not a local path, and {how}: {e}") from e
 
 
 def load_tensors(path):
@@ -675,11 +677,9 @@ def _cast(sd, dtype, device="cpu"):
     return {k: (v.to(device=device, dtype=dtype) if v.is_floating_point() else v) for k, v in sd.items()}
 
 
-def load_llama(path_or_repo, dtype=torch.float32, device="cpu"):
-    """An HF Llama/Vicuna folder or hub id -> Llama. Built on the meta device, then the checkpoint's
-    tensors are assigned shard by shard (cast to dtype), so memory peaks at one copy."""
-    folder = resolve_path(path_or_repo, ["*.json", "*.safetensors", "*.bin", "tokenizer*"])
-    cfg_path = folder / "config.json"
+def read_llama_config(folder):
+    """folder/config.json -> LlamaConfig; a missing or malformed file is a CheckpointError naming it."""
+    cfg_path = Path(folder) / "config.json"
     if not cfg_path.is_file():
         raise CheckpointError(f"{folder}: config.json not found")
     try:
@@ -688,17 +688,30 @@ def load_llama(path_or_repo, dtype=torch.float32, device="cpu"):
         raise CheckpointError(f"{cfg_path}: not valid JSON ({e})") from None
     if not isinstance(raw, dict):
         raise CheckpointError(f"{cfg_path}: expected a JSON object of model settings, got {type(raw).__name__}")
-    cfg = LlamaConfig.from_hf_config(raw, source=str(cfg_path))
+    return LlamaConfig.from_hf_config(raw, source=str(cfg_path))
+
+
+def _llama_keys(sd, cfg):
+    """The checkpoint's tensors as the model names them: old HF checkpoints saved the rotary
+    inv_freq buffer (we recompute it), and a tied checkpoint may omit lm_head."""
+    sd = {k: v for k, v in sd.items() if not k.endswith("rotary_emb.inv_freq")}
+    if cfg.tie_word_embeddings and "lm_head.weight" not in sd and "model.embed_tokens.weight" in sd:
+        sd["lm_head.weight"] = sd["model.embed_tokens.weight"]
+    return sd
+
+
+def load_llama(path_or_repo, dtype=torch.float32, device="cpu"):
+    """An HF Llama/Vicuna folder or hub id -> Llama. Built on the meta device, then the checkpoint's
+    tensors are assigned shard by shard (cast to dtype), so memory peaks at one copy."""
+    folder = resolve_path(path_or_repo, ["*.json", "*.safetensors", "*.bin", "tokenizer*"])
+    cfg = read_llama_config(folder)
     with torch.device("meta"):
         model = Llama(cfg)
     sd = {}
     for f in weight_files(folder):  # cast shard by shard: the uncast copy of one shard at most
-        shard = load_tensors(f)
-        # rotary inv_freq: a buffer old HF checkpoints saved; we recompute it
-        sd.update(_cast({k: v for k, v in shard.items() if not k.endswith("rotary_emb.inv_freq")}, dtype, device))
-    if cfg.tie_word_embeddings and "lm_head.weight" not in sd and "model.embed_tokens.weight" in sd:
-        sd["lm_head.weight"] = sd["model.embed_tokens.weight"]
-    assign_checkpoint(model, sd, str(folder))
+        shard = {k: v for k, v in load_tensors(f).items() if not k.endswith("rotary_emb.inv_freq")}
+        sd.update(_cast(shard, dtype, device))
+    assign_checkpoint(model, _llama_keys(sd, cfg), str(folder))
     if cfg.tie_word_embeddings:  # assign replaced the Parameter objects; tie them again
         model.lm_head.weight = model.model.embed_tokens.weight
     return model
@@ -727,20 +740,20 @@ def _vision_file(path):
                           f"open_clip_model.safetensors, pytorch_model.bin)")
 
 
-def load_vision_tower(path_or_repo, dtype=torch.float32, num_heads=None):
-    """An open_clip checkpoint (BiomedCLIP, or LLaVA-Rad's BiomedCLIP-CXR) -> VisionTransformer.
-    Accepts a `state_dict` wrapper and a DDP `module.` prefix; keeps the `visual.trunk.` tensors.
-    The head count is the one thing the shapes do not show: num_heads if given, else the `heads` of
-    the vision_cfg in open_clip_config.json beside the weights when it names one, else width / 64
-    (every ViT-B, BiomedCLIP's included: its config names a timm model, not a head count)."""
-    f = _vision_file(resolve_path(path_or_repo, ["*.json", "*.bin", "*.safetensors"]))
-    config_file = f.parent / "open_clip_config.json"
+def _vision_heads(f, num_heads):
+    """num_heads if given, else the `heads` of open_clip_config.json's vision_cfg beside the weights."""
+    config_file = Path(f).parent / "open_clip_config.json"
     if num_heads is None and config_file.is_file():
         try:
             num_heads = json.loads(config_file.read_text())["model_cfg"]["vision_cfg"].get("heads")
         except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
             raise CheckpointError(f"{config_file}: expected model_cfg.vision_cfg in open_clip's layout ({e!r})") from None
-    sd = load_tensors(f)
+    return num_heads
+
+
+def _vision_trunk(sd, f):
+    """The `visual.trunk.*` tensors of an open_clip state dict (a `state_dict` wrapper and a DDP
+    `module.` prefix allowed), with that prefix removed."""
     if "state_dict" in sd and isinstance(sd["state_dict"], dict):
         sd = sd["state_dict"]
     prefix = "visual.trunk."
@@ -751,23 +764,43 @@ def load_vision_tower(path_or_repo, dtype=torch.float32, num_heads=None):
             trunk[k[len(prefix):]] = v
     if not trunk:
         raise CheckpointError(f"{f}: no '{prefix}*' tensors (is this an open_clip ViT checkpoint?)")
+    return trunk
+
+
+def _vision_config(trunk, num_heads, f):
     if "cls_token" in trunk and num_heads is not None:
-        cfg = VisionConfig.from_state_dict(trunk, head_dim=trunk["cls_token"].shape[-1] // num_heads, source=str(f))
-    else:
-        cfg = VisionConfig.from_state_dict(trunk, source=str(f))
+        return VisionConfig.from_state_dict(trunk, head_dim=trunk["cls_token"].shape[-1] // num_heads, source=str(f))
+    return VisionConfig.from_state_dict(trunk, source=str(f))
+
+
+def load_vision_tower(path_or_repo, dtype=torch.float32, num_heads=None):
+    """An open_clip checkpoint (BiomedCLIP, or LLaVA-Rad's BiomedCLIP-CXR) -> VisionTransformer.
+    Accepts a `state_dict` wrapper and a DDP `module.` prefix; keeps the `visual.trunk.` tensors.
+    The head count is the one thing the shapes do not show: num_heads if given, else the `heads` of
+    the vision_cfg in open_clip_config.json beside the weights when it names one, else width / 64
+    (every ViT-B, BiomedCLIP's included: its config names a timm model, not a head count)."""
+    f = _vision_file(resolve_path(path_or_repo, ["*.json", "*.bin", "*.safetensors"]))
+    num_heads = _vision_heads(f, num_heads)
+    trunk = _vision_trunk(load_tensors(f), f)
+    cfg = _vision_config(trunk, num_heads, f)
     with torch.device("meta"):
         vit = VisionTransformer(cfg)
     assign_checkpoint(vit, _cast(trunk, dtype), str(f))
     return vit.requires_grad_(False)
 
 
-def load_projector(projector, path):
-    """Fill an mm_projector from `mm_projector.bin` or LLaVA-Rad's `non_lora_trainables.bin`:
-    any key ending in `mm_projector.{0,2}.{weight,bias}`, whatever its prefix."""
-    sd = load_tensors(path)
+def _projector_keys(sd, path):
+    """Any key ending in `mm_projector.{0,2}.{weight,bias}`, whatever its prefix, without the prefix."""
     found = {k.split("mm_projector.", 1)[1]: v for k, v in sd.items() if "mm_projector." in k}
     if not found:
         raise CheckpointError(f"{path}: no 'mm_projector.*' keys (found: {_listed(sd)})")
+    return found
+
+
+def load_projector(projector, path):
+    """Fill an mm_projector from `mm_projector.bin` or LLaVA-Rad's `non_lora_trainables.bin`:
+    any key ending in `mm_projector.{0,2}.{weight,bias}`, whatever its prefix."""
+    found = _projector_keys(load_tensors(path), path)
     dtype = projector[0].weight.dtype
     assign_checkpoint(projector, _cast(found, dtype), str(path))
     return projector
@@ -785,6 +818,115 @@ def load_llava(llm_path, vision_path, projector_path=None, dtype=torch.float32, 
     if projector_path is not None:
         load_projector(model.mm_projector, projector_path)
     return model
+
+
+# ----------------------------------------------------------------------------------------------
+# Preflight: the same key and shape checks as the loaders, from file headers only. A safetensors
+# file starts with an 8-byte little-endian header length and a JSON header that lists every
+# tensor's dtype, shape and byte range, so a 7B checkpoint is checked in milliseconds without
+# reading its 13 GB; a pickled .bin is opened onto the meta device (no tensor data is read).
+
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                      "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def read_safetensors_header(path):
+    """{key: (dtype name, shape)} from a safetensors header. A file shorter than the byte ranges
+    its header promises (a cut download) is a CheckpointError here rather than at load time."""
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if not 0 < n <= min(size - 8, 100 * 2 ** 20):  # safetensors caps headers at 100 MB
+            raise CheckpointError(f"{path}: not a safetensors file (header length {n}, file size {size})")
+        try:
+            header = json.loads(fh.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{path}: safetensors header is not valid JSON ({e})") from None
+    try:
+        header.pop("__metadata__", None)
+        end = max((t["data_offsets"][1] for t in header.values()), default=0)
+        tensors = {k: (t["dtype"], tuple(t["shape"])) for k, t in header.items()}
+    except (AttributeError, KeyError, TypeError, IndexError) as e:
+        raise CheckpointError(f"{path}: malformed safetensors header ({e!r})") from None
+    if 8 + n + end > size:
+        raise CheckpointError(f"{path}: truncated ({size} bytes, its header needs {8 + n + end})")
+    return tensors
+
+
+def checkpoint_shapes(path):
+    """One weights file -> {key: meta tensor} with the stored shapes, no tensor data read."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: weights file not found")
+    if path.suffix == ".safetensors":
+        return {k: torch.empty(shape, dtype=SAFETENSORS_DTYPES.get(dt, torch.float32), device="meta")
+                for k, (dt, shape) in read_safetensors_header(path).items()}
+    try:  # meta: the pickle is read for its structure, the storages are never materialised
+        return torch.load(path, map_location="meta", weights_only=True, mmap=True)
+    except Exception as e:
+        raise CheckpointError(f"{path}: could not read weights ({type(e).__name__}: {e})") from None
+
+
+def llama_shapes(path_or_repo):
+    """An HF Llama folder -> (LlamaConfig, {key: meta tensor} of all its shards)."""
+    folder = resolve_path(path_or_repo, ["*.json", "*.safetensors", "*.bin", "tokenizer*"])
+    cfg = read_llama_config(folder)
+    sd = {}
+    for f in weight_files(folder):
+        sd.update(checkpoint_shapes(f))
+    return cfg, _llama_keys(sd, cfg)
+
+
+def check_llama_files(path_or_repo):
+    """load_llama's strict check without loading: -> (LlamaConfig, {key: meta tensor}), or a
+    CheckpointError naming every missing, unexpected and mis-shaped key."""
+    cfg, sd = llama_shapes(path_or_repo)
+    with torch.device("meta"):
+        model = Llama(cfg)
+    check_state_dict(model.state_dict(), sd, str(path_or_repo))
+    return cfg, sd
+
+
+def check_vision_files(path_or_repo, num_heads=None):
+    """load_vision_tower's checks without loading: -> (VisionConfig, weights file)."""
+    f = _vision_file(resolve_path(path_or_repo, ["*.json", "*.bin", "*.safetensors"]))
+    trunk = _vision_trunk(checkpoint_shapes(f), f)
+    cfg = _vision_config(trunk, _vision_heads(f, num_heads), f)
+    with torch.device("meta"):
+        vit = VisionTransformer(cfg)
+    check_state_dict(vit.state_dict(), trunk, str(f))
+    return cfg, f
+
+
+def vision_image_size(f):
+    """The input size the files beside a vision checkpoint promise (open_clip_config.json's
+    vision_cfg.image_size, or an HF preprocessor_config.json's crop size): {file: size}."""
+    sizes, folder = {}, Path(f).parent
+    oc, pp = folder / "open_clip_config.json", folder / "preprocessor_config.json"
+    try:
+        if oc.is_file():
+            size = json.loads(oc.read_text())["model_cfg"]["vision_cfg"].get("image_size")
+            if size is not None:
+                sizes[str(oc)] = size[0] if isinstance(size, list) else size
+        if pp.is_file():
+            crop = json.loads(pp.read_text()).get("crop_size")
+            if crop is not None:
+                sizes[str(pp)] = crop.get("height") if isinstance(crop, dict) else crop
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"{folder}: unreadable image-size config ({e!r})") from None
+    return sizes
+
+
+def check_projector_file(path, vision_width, hidden_size):
+    """load_projector's check without loading: the mm_projector keys against an mlp2x_gelu of
+    vision_width -> hidden_size."""
+    found = _projector_keys(checkpoint_shapes(path), path)
+    with torch.device("meta"):
+        projector = build_projector(vision_width, hidden_size)
+    check_state_dict(projector.state_dict(), found, str(path))
 
 
 # ----------------------------------------------------------------------------------------------

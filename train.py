@@ -27,6 +27,7 @@ step, so that after a kill each step is logged once.
 
 import argparse
 import contextlib
+import io
 import json
 import math
 import os
@@ -71,7 +72,7 @@ class TrainConfig:
     vision: str = _f("microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224",
                      "open_clip vision checkpoint (file, folder or hub id)")
     vision_heads: int = _f(0, "vision attention heads (0: open_clip_config.json's, else width / 64)")
-    tokenizer: str = _f("", "tokenizer.json or its folder (default: the --llm folder)")
+    tokenizer: str = _f("", "tokenizer.json or tokenizer.model (SentencePiece), or their folder (default: the --llm folder)")
     projector: str = _f("", "stage-1 mm_projector.bin to start stage 2 from")
     adapter: str = _f("", "a PEFT adapter folder to start stage 2 from (e.g. LLaVA-Rad's)")
     # data
@@ -189,12 +190,19 @@ class _Parser(argparse.ArgumentParser):
 def parse_args(argv=None):
     """Flags -> (args, TrainConfig). A bad value is one line naming the flag, exit code 2. args
     holds what is not a setting of the run (so not in TrainConfig nor config.json): --dry-run,
-    --overwrite, --strict-text."""
+    --overwrite, --strict-text, --preflight, --world-size."""
     p = _Parser(prog="train.py", description=__doc__.split("\n")[0], formatter_class=_HelpFormatter)
     p.add_argument("--dry-run", action="store_true", help="build the 7B model on the meta device; print counts and memory")
     p.add_argument("--overwrite", action="store_true",
                    help="clear a non-empty --out (the files train.py writes) before a fresh run; without it, "
                         "a non-empty --out is refused unless --resume")
+    p.add_argument("--preflight", action="store_true",
+                   help="check in seconds, with the run's other flags, that it would start: paths, checkpoint keys "
+                        "and shapes (from file headers), tokenizer vs embedding, image size, the training JSON with "
+                        "every image decoded, batches per rank, --out writable with room, GPU memory; one table, "
+                        "exit 0 if the run would start, else one line per problem and exit 2")
+    p.add_argument("--world-size", type=int, default=0, metavar="N",
+                   help="--preflight: the number of processes to check the batches for (default: $WORLD_SIZE, else 1)")
     p.add_argument("--strict-text", action="store_true",
                    help="refuse training text with characters the tokenizer lacks (<unk>) or longer than "
                         "--max-length, naming the first such record; without it they are counted in one line")
@@ -224,7 +232,10 @@ def parse_args(argv=None):
         p.error(re.sub(r"FairnessConfig\.(\w+)", lambda m: "--" + m.group(1).replace("_", "-"), str(e)))
     if a["overwrite"] and cfg.resume:
         p.error("--overwrite clears --out, --resume continues the run in it: give one of them")
-    return argparse.Namespace(dry_run=a["dry_run"], overwrite=a["overwrite"], strict_text=a["strict_text"]), cfg
+    if a["world_size"] < 0:
+        p.error(f"--world-size must be >= 0, got {a['world_size']}")
+    return argparse.Namespace(dry_run=a["dry_run"], overwrite=a["overwrite"], strict_text=a["strict_text"],
+                              preflight=a["preflight"], world_size=a["world_size"]), cfg
 
 
 def to_argv(cfg):
@@ -235,7 +246,7 @@ def to_argv(cfg):
     def add(flag, v):
         if isinstance(v, bool):
             argv.append(flag if v else "--no-" + flag[2:])
-        elif isinstance(v, tuple):
+        elif isinstance(v, (tuple, list)):  # a list: the same setting read back from config.json
             argv.extend([flag, *map(str, v)])
         elif isinstance(v, dict):
             argv.extend([flag, *(f"{a}={b}" for a, b in v.items())])
@@ -907,11 +918,14 @@ def export(out, cfg, model):
 # --dry-run: the 7B run's sizes without allocating anything
 
 
-def dry_run(cfg):
+def dry_run(cfg, llm_cfg=None, vision_cfg=None):
+    """Print the parameter counts and a per-GPU memory estimate -> the estimate in bytes. The
+    official Vicuna-7B + ViT-B/16 unless the configs of other checkpoints are given."""
+    llm_cfg, vision_cfg = llm_cfg or LlamaConfig(), vision_cfg or VisionConfig()
     with torch.device("meta"):
-        model = LlavaModel(LlamaConfig(), VisionConfig())
+        model = LlavaModel(llm_cfg, vision_cfg)
         apply_lora(model.llm, cfg.lora)
-        fair = FairnessRegularizer(cfg.fair, 4096)
+        fair = FairnessRegularizer(cfg.fair, llm_cfg.hidden_size)
     mark_only_lora_as_trainable(model, extra=("mm_projector",))
     lora_n = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
     proj_n = sum(p.numel() for p in model.mm_projector.parameters())
@@ -930,7 +944,10 @@ def dry_run(cfg):
         "one layer recomputed (attn + SwiGLU + LoRA paths, flash attention)": B * T * (10 * H + 4 * I + 14 * cfg.lora.r) * w,
         "logits + their gradient (fp32 for the loss)": 3 * B * T * V * 4,
     }
-    print(f"Vicuna-7B + BiomedCLIP ViT-B/16, LoRA r={cfg.lora.r} on q,k,v,o,gate,up,down")
+    official = (llm_cfg, vision_cfg) == (LlamaConfig(), VisionConfig())
+    what = "Vicuna-7B + BiomedCLIP ViT-B/16" if official else \
+        f"Llama {llm_cfg.num_hidden_layers}x{llm_cfg.hidden_size} + ViT {vision_cfg.depth}x{vision_cfg.width}"
+    print(f"{what}, LoRA r={cfg.lora.r} on {','.join(t.removesuffix('_proj') for t in cfg.lora.targets)}")
     print(f"  language model   {sum(p.numel() for p in model.llm.parameters()) - lora_n:>15,}  frozen")
     print(f"  vision tower     {vit_n:>15,}  frozen")
     print(f"  LoRA             {lora_n:>15,}  trainable")
@@ -949,10 +966,136 @@ def dry_run(cfg):
     return sum(mem.values())
 
 
+# ----------------------------------------------------------------------------------------------
+# --preflight: everything setup() would refuse, and what would fail later (batches, disk, memory),
+# checked in seconds without loading a tensor, so a cluster job fails before it queues for GPUs.
+
+# bytes per trainable parameter in checkpoint.pt: the fp32 weight and AdamW's two moments
+CHECKPOINT_BYTES_PER_PARAM = 4 * 3
+
+
+def preflight(cfg, args):
+    """train.py --preflight with the run's flags: one table of checks -> exit status 0 or 2."""
+    pf = evaluate.Preflight()
+    paths = evaluate.preflight_paths(pf, {
+        "--llm": (cfg.llm, "model"), "--vision": (cfg.vision, "model"), "--projector": (cfg.projector, "file"),
+        "--adapter": (cfg.adapter, "folder"), "--tokenizer": (cfg.tokenizer, "file or folder"),
+        "--train-json": (cfg.train_json, "file"), "--image-root": (cfg.image_root, "folder"),
+        "--monitor-json": (cfg.monitor_json, "file")}, required=("--train-json",))
+    if cfg.stage == 1 and paths.pop("--adapter", None) is not None:
+        pf.skip("adapter", "stage 1 trains the projector only; --adapter is not used")
+    llm, vis, tok = evaluate.preflight_model(pf, paths, cfg.vision_heads or None, cfg.lora)
+    records = _preflight_data(pf, cfg, paths, tok, args.strict_text)
+    world = args.world_size or int(os.environ.get("WORLD_SIZE", 1))
+    if records is not None:
+        pf.check("batches per rank", lambda: _batches_row(cfg, len(records), world))
+    else:
+        pf.skip("batches per rank", "needs the train json to pass")
+    pf.check("out state", lambda: _out_state_row(cfg, args.overwrite))
+    if llm is not None and vis is not None:
+        trainable = trainable_count(cfg, llm, vis)
+        evaluate.preflight_out(pf, cfg.out, checkpoint_bytes(trainable),
+                               f"checkpoints of {trainable:,} trainable parameters")
+        _preflight_gpu(pf, cfg, llm, vis)
+    else:
+        evaluate.preflight_out(pf, cfg.out)
+        pf.skip("gpu memory", "needs the llm and vision checks to pass")
+    return pf.report("train.py")
+
+
+def _preflight_data(pf, cfg, paths, tok, strict_text):
+    """The training JSON in full (and --monitor-json), then its text as the tokenizer cuts it."""
+    records = None
+    if "--train-json" in paths:
+        records = evaluate.preflight_records(pf, "train json", cfg.train_json, cfg.dataset, cfg.image_root or None)
+    if "--monitor-json" in paths:
+        evaluate.preflight_records(pf, "monitor json", cfg.monitor_json, cfg.dataset, cfg.image_root or None)
+    if records is not None and tok is not None:
+        pf.check("train text", lambda: _text_row(records, tok, cfg, strict_text))
+    return records
+
+
+def _text_row(records, tok, cfg, strict):
+    scan = data.scan_text(records, tok, cfg.max_length)  # a DataError for an item that cannot be trained
+    detail = f"{len(scan.unk)} of {scan.n} reports with <unk>, {len(scan.cut)} cut at --max-length {cfg.max_length}"
+    if strict and (scan.unk or scan.cut):
+        raise ValueError(f"--strict-text: {cfg.train_json}: {detail}")
+    return detail
+
+
+def _batches_row(cfg, n, world):
+    """Each rank needs one optimizer step's worth of samples: --batch-size x --grad-accum. The
+    DistributedSampler drops the tail (n // world each); resampling draws ceil(n / world)."""
+    resample = cfg.method == "resample" and cfg.stage == 2
+    per_rank = math.ceil(n / world) if resample else n // world
+    need = cfg.batch_size * cfg.grad_accum
+    if per_rank < need:
+        raise ValueError(f"{cfg.train_json}: {n} samples give {per_rank} per rank on {world} rank(s), fewer than one "
+                         f"step's --batch-size {cfg.batch_size} x --grad-accum {cfg.grad_accum} = {need}")
+    steps = per_rank // cfg.batch_size // cfg.grad_accum
+    return f"{world} rank(s) x {per_rank} samples: {steps} optimizer step(s) per epoch"
+
+
+def _out_state_row(cfg, overwrite):
+    """check_out's verdict on --out; for --resume the checkpoint's settings are read with its
+    tensors left on disk (mmap onto the meta device)."""
+    if not cfg.resume:
+        check_out(cfg, overwrite)
+        return "fresh run: --out is empty or absent" if not overwrite else "--overwrite: train.py's old files go"
+    path = Path(cfg.out) / "checkpoint.pt"
+    if not path.is_file():
+        raise FileNotFoundError(f"--resume: {path} not found")
+    try:
+        st = torch.load(path, map_location="meta", weights_only=True, mmap=True)
+        old = json.loads(st["config"])
+    except Exception as e:
+        raise ValueError(f"--resume {path}: not a readable checkpoint written by train.py ({type(e).__name__})") from None
+    check_resume_flags(old, cfg, path)
+    return f"--resume from step {st['step']}: settings match"
+
+
+def trainable_count(cfg, llm_cfg, vision_cfg):
+    """Trainable parameters of the run (projector, + LoRA in stage 2, + phi for FairLLaVA), on meta."""
+    with torch.device("meta"):
+        model = LlavaModel(llm_cfg, vision_cfg)
+        if cfg.stage == 2:
+            apply_lora(model.llm, cfg.lora)
+        fair = FairnessRegularizer(cfg.fair, llm_cfg.hidden_size) if (cfg.method == "fairllava" and cfg.stage == 2) else None
+    n = sum(p.numel() for p in model.mm_projector.parameters())
+    n += sum(v.numel() for v in lora_state_dict(model.llm).values())
+    return n + (sum(p.numel() for p in fair.parameters()) if fair is not None else 0)
+
+
+def checkpoint_bytes(trainable):
+    """Disk --out needs at the peak: checkpoint.pt twice (atomic_save writes NAME.tmp beside the
+    old one) plus the fp32 exports (mm_projector.bin, adapter/)."""
+    return 2 * trainable * CHECKPOINT_BYTES_PER_PARAM + trainable * 4
+
+
+def _preflight_gpu(pf, cfg, llm, vis):
+    if not torch.cuda.is_available():
+        pf.skip("gpu memory", "(no GPU)")
+        return
+
+    def row():
+        with contextlib.redirect_stdout(io.StringIO()):  # the table is the output, not dry_run's lines
+            need = dry_run(cfg, llm, vis)
+        free, total = torch.cuda.mem_get_info(0)
+        gib = 1024 ** 3
+        if need > free:
+            raise ValueError(f"--dry-run estimates {need / gib:.1f} GiB per GPU at --batch-size {cfg.batch_size} x "
+                             f"--max-length {cfg.max_length}, {free / gib:.1f} GiB free of {total / gib:.1f} on "
+                             f"{torch.cuda.get_device_name(0)}")
+        return f"estimate {need / gib:.1f} GiB of {free / gib:.1f} GiB free ({torch.cuda.get_device_name(0)})"
+    pf.check("gpu memory", row)
+
+
 def main(argv=None):
     args, cfg = parse_args(argv)
     if args.dry_run:
         return dry_run(cfg)
+    if args.preflight:
+        sys.exit(preflight(cfg, args))
     d = setup_distributed()
     try:
         train(cfg, d, overwrite=args.overwrite, strict_text=args.strict_text)

@@ -393,7 +393,7 @@ def test_a_tokenizer_folder_without_tokenizer_json(bench, tmp_path, capsys):
     (tmp_path / "tok").mkdir()
     (tmp_path / "tok" / "tokenizer.model").write_bytes(b"sentencepiece")
     line = refused(_model_args(bench, tmp_path / "out", "fair", "--tokenizer", str(tmp_path / "tok")), capsys)
-    assert f"--tokenizer {tmp_path / 'tok'}: no tokenizer.json (only tokenizer.model found" in line
+    assert f"{tmp_path / 'tok' / 'tokenizer.model'}: not a readable SentencePiece model" in line
 
 
 def test_a_jsonl_test_file(bench, tmp_path, capsys):

@@ -9,7 +9,7 @@ import os
 import socket
 import subprocess
 import sys
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import pytest
@@ -17,6 +17,7 @@ import torch
 
 import train
 from fairness import FairnessConfig
+from lora import LoRAConfig
 from train_env import make_env, train_config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -266,3 +267,12 @@ def test_flags_fill_the_nested_configs_once():
     assert cfg.fair.layer == 16 and cfg.fair.h_norm == "batch" and cfg.lora.r == 8
     assert train.parse_args(train.to_argv(cfg))[1] == cfg
     assert train.parse_args([])[1] == train.TrainConfig()  # the defaults are the official recipe
+
+
+def test_to_argv_of_a_config_read_back_from_config_json():
+    # config.json holds tuples as JSON lists: the flags built from it must still give the same run
+    _, cfg = train.parse_args(["--balance-on", "race", "age", "--attributes", "race", "gender"])
+    saved = json.loads(json.dumps(asdict(cfg)))
+    fair, lora = FairnessConfig(**saved.pop("fair")), LoRAConfig(**saved.pop("lora"))
+    back = train.TrainConfig(**saved, fair=fair, lora=lora)
+    assert train.parse_args(train.to_argv(back))[1] == cfg
