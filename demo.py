@@ -2,7 +2,7 @@
 
     python3 demo.py                       # one seed, three methods, about 7 minutes on 2 CPU cores
     python3 demo.py --seeds 0 1 2         # with 95% intervals over seeds and paired differences
-    python3 demo.py --study               # the README's study: seeds, lambda = 0, dose-response, controls (~30 min)
+    python3 demo.py --study               # the README's study: seeds, lambda = 0, dose-response, controls (~28 min)
     python3 demo.py --lr 1e-3 --dir runs/slow   # any setting below can be changed from the command line
 
 What it does, through the same code and file formats as a real run:
@@ -90,7 +90,7 @@ class DemoConfig:
     variant_dac_steps: int = field(default=5, metadata=dict(help="fairllava_batch: phi steps per batch"))
     variant_dac_memory: int = field(default=512, metadata=dict(help="fairllava_batch: earlier h phi also fits"))
     variant_lambda_scale: float = field(default=0.3, metadata=dict(help="fairllava_batch: lambdas x this"))
-    study: bool = field(default=False, metadata=dict(help="run the whole study (about 30 minutes on 2 cores)"))
+    study: bool = field(default=False, metadata=dict(help="run the whole study (about 28 minutes on 2 cores)"))
 
 
 def parse_args(argv=None):
