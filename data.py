@@ -138,10 +138,30 @@ class DataError(ValueError):
     """A bad data item; the message names the file, the item id and the field."""
 
 
-def short(value, limit=80):
-    """repr(value) cut to `limit` characters: an error message echoes what it got, never a whole file."""
-    text = repr(value)
+def clip(text, limit=80):
+    """text cut to `limit` characters: an error message echoes what it got, never a whole file."""
+    text = str(text)
     return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def short(value, limit=80):
+    """repr(value), clipped."""
+    return clip(repr(value), limit)
+
+
+def one_line(e):
+    """The message of a refused input as one line, in the error's own words: an OSError as
+    "path: reason" (not "[Errno 2] ... 'path'"), a multi-line report joined with "; "."""
+    if isinstance(e, OSError) and e.filename is not None:
+        return f"{e.filename}: {e.strerror}"
+    return "; ".join(" ".join(part.split()) for part in str(e).splitlines() if part.strip())
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """A bad flag is one line on stderr (exit code 2), naming the flag; the usage stays in --help."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
 def read_json(path, what="JSON"):
@@ -814,13 +834,7 @@ def main(argv=None):
             dataset, csv_path, out_path = args.convert
             converters[dataset](csv_path, out_path)
     except (ValueError, OSError) as e:
-        raise SystemExit(f"data.py: error: {_one_line(e)}") from None
-
-
-def _one_line(e):
-    """An OSError reads "[Errno 2] No such file or directory: 'x.json'"; keep its own words, on one line."""
-    text = f"{e.filename}: {e.strerror}" if isinstance(e, OSError) and e.filename else str(e)
-    return " ".join(text.split())
+        raise SystemExit(f"data.py: error: {one_line(e)}") from None
 
 
 if __name__ == "__main__":

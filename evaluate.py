@@ -54,8 +54,9 @@ import torch
 from tqdm import tqdm
 
 import metrics
-from data import (ATTRIBUTES, DATASETS, UNKNOWN, DataError, ImageProcessor, ReportDataset, collate, conversation_prompt,
-                  load_image, load_tokenizer, read_llava_json, tokenize_with_image, tokenizer_file)
+from data import (ATTRIBUTES, DATASETS, UNKNOWN, DataError, ImageProcessor, OneLineParser, ReportDataset, clip, collate,
+                  conversation_prompt, load_image, load_tokenizer, one_line, read_llava_json, tokenize_with_image,
+                  tokenizer_file)
 from fairness import FairnessConfig, fit_linear_probe, pool_hidden, token_mask
 from lora import check_adapter_files, load_peft_adapter, merge_lora
 from model import (CheckpointError, check_llama_files, check_projector_file, check_vision_files, generate, load_llava,
@@ -94,13 +95,6 @@ ID_KEYS = ("id", "question_id")
 PREDICTION_KEYS = ("prediction", "text", "pred", "output")
 
 
-def _clip(text, n=80):
-    """At most n characters of something read from a file: an error message quotes the input to
-    show what it looked like, never the whole of a (possibly huge) line."""
-    text = str(text)
-    return text if len(text) <= n else text[:n - 3] + "..."
-
-
 def _parse_line(line, where):
     """One JSONL line -> {id, prediction[, reference]}; `where` is "FILE line N" for the errors."""
     if line.lstrip().startswith("["):
@@ -117,12 +111,12 @@ def _parse_line(line, where):
     pred_key = next((k for k in PREDICTION_KEYS if k in row), None)
     if id_key is None or pred_key is None:
         raise ValueError(f"{where}: needs an id ({'/'.join(ID_KEYS)}) and a prediction string "
-                         f"({'/'.join(PREDICTION_KEYS)}), got keys {_clip(sorted(row))}")
+                         f"({'/'.join(PREDICTION_KEYS)}), got keys {clip(sorted(row))}")
     item_id, pred = row[id_key], row[pred_key]
     if isinstance(item_id, bool) or not isinstance(item_id, (str, int)):  # str(1.0) or str({}) match nothing
-        raise ValueError(f"{where}: field {id_key!r} must be a string or an integer, got {_clip(json.dumps(item_id))}")
+        raise ValueError(f"{where}: field {id_key!r} must be a string or an integer, got {clip(json.dumps(item_id))}")
     if not isinstance(pred, str):
-        raise ValueError(f"{where}: field {pred_key!r} must be a string, got {_clip(json.dumps(pred))}")
+        raise ValueError(f"{where}: field {pred_key!r} must be a string, got {clip(json.dumps(pred))}")
     return {"id": str(item_id), "prediction": pred, **({"reference": row["reference"]} if "reference" in row else {})}
 
 
@@ -595,7 +589,7 @@ def predictions_key(args, llm, vision, projector, dtype):
 def _differences(old, new):
     """The fields where two keys differ, e.g. ["adapter (weights)", "max_new_tokens (256 -> 4)"]."""
     def short(v):  # a file source by its kind, a setting by its value
-        return "a file" if isinstance(v, dict) else _clip(json.dumps(v), 30)
+        return "a file" if isinstance(v, dict) else clip(json.dumps(v), 30)
 
     out = []
     for field in sorted(old.keys() | new.keys()):
@@ -668,7 +662,7 @@ class Preflight:
         try:
             result = fn()
         except (ValueError, OSError) as e:
-            self.rows.append((name, "problem", _one_line(e)))
+            self.rows.append((name, "problem", one_line(e)))
             return None
         detail, value = result if isinstance(result, tuple) else (result, None)
         self.rows.append((name, "ok", detail))
@@ -961,18 +955,12 @@ predictions.jsonl and reuses the predictions already there only when the key is 
 it stops and names what differs (--overwrite starts afresh)."""
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        # one line, not the whole usage block: the flag and what is wrong with it
-        self.exit(2, f"evaluate.py: error: {message} (see --help)\n")
-
-
 def _int_at_least(low):
     def parse(text):
         try:
             value = int(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {_clip(text, 20)!r}") from None
+            raise argparse.ArgumentTypeError(f"expected an integer, got {clip(text, 20)!r}") from None
         if value < low:
             raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
         return value
@@ -984,7 +972,7 @@ MODEL_FLAGS = ("llm", "vision", "projector", "adapter", "tokenizer", "random_pro
 
 
 def parse_args(argv=None):
-    ap = _Parser(description="Generate reports and score them overall and per demographic group.",
+    ap = OneLineParser(prog="evaluate.py", description="Generate reports and score them overall and per demographic group.",
                  epilog=_records_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--test-json", required=True, help="test set, LLaVA JSON with demographics (keys below)")
     ap.add_argument("--dataset", default="mimic", choices=sorted(HEADLINE), help="format and metrics of the test set")
@@ -1102,7 +1090,7 @@ def _read_ids(path):
         if not item_id:
             continue
         if item_id in seen:
-            raise ValueError(f"{path} line {n}: id {_clip(item_id, 40)!r} is listed twice "
+            raise ValueError(f"{path} line {n}: id {clip(item_id, 40)!r} is listed twice "
                              f"(first on line {seen[item_id]})")
         seen[item_id] = n
         ids.append(item_id)
@@ -1120,7 +1108,7 @@ def select_records(records, ids_file=None, limit=None):
         unknown = [i for i in wanted if i not in known]
         if unknown:
             raise ValueError(f"{ids_file}: {len(unknown)} ids are not in the test set, e.g. "
-                             f"{_clip(', '.join(map(repr, unknown[:3])), 60)}")
+                             f"{clip(', '.join(map(repr, unknown[:3])), 60)}")
         wanted = set(wanted)
         records = [r for r in records if r["id"] in wanted]
     return records[:limit] if limit else records
@@ -1209,20 +1197,12 @@ def main(argv=None):
     return results
 
 
-def _one_line(e):
-    """The message of a refused input as one line: an OS error as "path: reason", a multi-line
-    checkpoint report joined with "; "."""
-    if isinstance(e, OSError) and e.filename is not None:
-        return f"{e.filename}: {e.strerror}"
-    return "; ".join(part.strip() for part in str(e).splitlines() if part.strip())
-
-
 def cli(argv=None):
     """main, with bad input ending as one line on stderr and exit status 1, not a traceback."""
     try:
         return main(argv)
     except (ValueError, OSError) as e:
-        print(f"evaluate.py: error: {_one_line(e)}", file=sys.stderr)
+        print(f"evaluate.py: error: {one_line(e)}", file=sys.stderr)
         sys.exit(1)
 
 

@@ -180,18 +180,11 @@ def _add_valued_flag(p, flag, default, help, dest, choices):
                        choices=choices)
 
 
-class _Parser(argparse.ArgumentParser):
-    """A bad flag is one line on stderr (exit code 2); the 30-line usage stays in --help."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
 def parse_args(argv=None):
     """Flags -> (args, TrainConfig). A bad value is one line naming the flag, exit code 2. args
     holds what is not a setting of the run (so not in TrainConfig nor config.json): --dry-run,
     --overwrite, --strict-text, --preflight, --world-size."""
-    p = _Parser(prog="train.py", description=__doc__.split("\n")[0], formatter_class=_HelpFormatter)
+    p = data.OneLineParser(prog="train.py", description=__doc__.split("\n")[0], formatter_class=_HelpFormatter)
     p.add_argument("--dry-run", action="store_true", help="build the 7B model on the meta device; print counts and memory")
     p.add_argument("--overwrite", action="store_true",
                    help="clear a non-empty --out (the files train.py writes) before a fresh run; without it, "
@@ -1100,7 +1093,7 @@ def main(argv=None):
     try:
         train(cfg, d, overwrite=args.overwrite, strict_text=args.strict_text)
     except (ValueError, FileNotFoundError) as e:  # bad input: one line naming what, no traceback
-        sys.exit(f"train.py: error: {' '.join(str(e).split())}")
+        sys.exit(f"train.py: error: {data.one_line(e)}")
     finally:
         if d.world > 1:
             dist.destroy_process_group()
