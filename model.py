@@ -12,8 +12,11 @@ is needed to use them for real:
   checkpoint's tensor shapes (stock BiomedCLIP ViT-B/16 at 224 px, LLaVA-Rad's ViT-B/14 at 518 px).
 - `LlavaModel`: image patch tokens -> `mm_projector` -> spliced into the text embeddings where
   input_ids holds the image sentinel -200 (LLaVA's convention).
+- the LM loss: `lm_loss` on logits (the definition), `causal_lm_loss` on the last hidden state
+  (what training uses: the same number without ever holding the (B, T, vocab) logits).
 - loading (local folder or hub id; safetensors or pickled .bin, sharded or not) and `generate`
-  (greedy or sampled, batched, KV cache). The tokenizer and the conversation template are in data.py.
+  (greedy or sampled, batched, KV cache; one fixed-shape `decode_step`, which torch.compile can
+  capture). The tokenizer and the conversation template are in data.py.
 
 Run `python model.py` for a smoke test: a tiny random LLaVA does a forward pass and greedy
 generation on CPU in about a second.
@@ -116,6 +119,31 @@ class LlamaConfig:
         return d
 
 
+def linear(x, weight, bias=None):
+    """F.linear, except for a few rows on CPU (decoding: one token per sample), computed as
+    (W x^T)^T. The same products and sums; on CPU (MKL) F.linear's kernel for 2-16 rows is up to 3x
+    slower than this orientation for the same product (lm_head, 4 rows: 10.4 vs 3.4 ms), and
+    decoding a batch is almost nothing but such products (bench/bench_speed.py). That kernel's
+    rounding depends on where W starts in memory, so it is used only for 64-byte-aligned weights
+    (every tensor torch allocates; assign_checkpoint re-allocates loaded ones that are not): the same
+    weights then give the same bits wherever they live."""
+    rows = x.numel() // max(x.shape[-1], 1)
+    if x.device.type != "cpu" or rows > 16 or x.dim() < 2 or \
+            (not torch.compiler.is_compiling() and weight.data_ptr() % 64):  # (no addresses while tracing)
+        return F.linear(x, weight, bias)
+    y = (weight @ x.reshape(rows, x.shape[-1]).T).T
+    if bias is not None:
+        y = y + bias
+    return y.reshape(*x.shape[:-1], weight.shape[0])
+
+
+class Linear(nn.Linear):
+    """nn.Linear (same parameters and keys) through `linear`."""
+
+    def forward(self, x):
+        return linear(x, self.weight, self.bias)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim, eps):
         super().__init__()
@@ -151,7 +179,11 @@ def apply_rope(x, cos, sin):
 
 
 class KVCache:
-    """Pre-allocated keys/values for every layer; `length` tokens are filled so far."""
+    """Pre-allocated keys/values for every layer; `length` tokens are filled so far.
+
+    With `slot` set (a (1,) long tensor), update writes the one new token at that slot and returns
+    the whole buffers: every decode step then has the same shapes whatever its position, which is
+    what lets torch.compile capture one step for all of them (`decode_step`)."""
 
     def __init__(self, cfg, batch_size, max_length, device, dtype):
         shape = (batch_size, cfg.num_key_value_heads, max_length, cfg.head_dim)
@@ -159,8 +191,13 @@ class KVCache:
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
         self.length = 0
         self.max_length = max_length
+        self.slot = None
 
     def update(self, layer, k, v):
+        if self.slot is not None:
+            self.k[layer].index_copy_(2, self.slot, k)
+            self.v[layer].index_copy_(2, self.slot, v)
+            return self.k[layer], self.v[layer]
         T = k.shape[2]
         if self.length + T > self.max_length:
             raise ValueError(f"KV cache overflow: {self.length}+{T} > max_length {self.max_length}")
@@ -174,10 +211,10 @@ class Attention(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.n_head, self.n_kv, self.hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        self.q_proj = nn.Linear(cfg.hidden_size, self.n_head * self.hd, bias=False)
-        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.hd, bias=False)
-        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.hd, bias=False)
-        self.o_proj = nn.Linear(self.n_head * self.hd, cfg.hidden_size, bias=False)
+        self.q_proj = Linear(cfg.hidden_size, self.n_head * self.hd, bias=False)
+        self.k_proj = Linear(cfg.hidden_size, self.n_kv * self.hd, bias=False)
+        self.v_proj = Linear(cfg.hidden_size, self.n_kv * self.hd, bias=False)
+        self.o_proj = Linear(self.n_head * self.hd, cfg.hidden_size, bias=False)
 
     def forward(self, x, cos, sin, mask, cache=None, layer_idx=0):
         B, T, _ = x.shape
@@ -200,9 +237,9 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg):
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.gate_proj = Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
@@ -249,16 +286,18 @@ class Llama(nn.Module):
         super().__init__()
         self.config = cfg
         self.model = LlamaBody(cfg)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.gradient_checkpointing = False
 
     def forward(self, input_ids=None, inputs_embeds=None, attention_mask=None, position_ids=None,
-                cache=None, return_hidden=False, last_only=False):
+                cache=None, return_hidden=False, last_only=False, head=True):
         """logits (B, T, vocab); with return_hidden also the list of n_layers + 1 hidden states in
         HF's `hidden_states` order: the embeddings, then each decoder layer's output, the last one
-        after the final RMSNorm (as HF returns it).
+        after the final RMSNorm (as HF returns it). head=False returns that last hidden state
+        (B, T, H) in place of the logits: training feeds it to `causal_lm_loss`, which applies
+        lm_head itself, to the supervised positions only.
 
         attention_mask (B, S) covers the cached tokens plus the new ones (1 real, 0 padding).
         position_ids default to each sample's count of real tokens so far, which is what left-padded
@@ -292,9 +331,9 @@ class Llama(nn.Module):
             cache.length += T
         x = self.model.norm(x)
         hidden[-1] = x
-        # Generation needs only the last position's logits: skip the (B, T, vocab) projection.
-        logits = self.lm_head(x[:, -1:] if last_only else x)
-        return (logits, hidden) if return_hidden else logits
+        if head:  # generation needs only the last position's logits: skip the (B, T, vocab) projection
+            x = self.lm_head(x[:, -1:] if last_only else x)
+        return (x, hidden) if return_hidden else x
 
 
 # ----------------------------------------------------------------------------------------------
@@ -445,7 +484,7 @@ def build_projector(vision_width, hidden_size):
 
 @dataclass
 class LlavaOutput:
-    logits: torch.Tensor  # (B, T', V) on the expanded sequence (sentinel -> image patches)
+    logits: torch.Tensor | None  # (B, T', V) on the expanded sequence (sentinel -> image patches)
     loss: torch.Tensor | None
     hidden: list | None  # n_layers + 1 tensors (B, T', H)
     attention_mask: torch.Tensor  # (B, T')
@@ -468,6 +507,78 @@ def lm_loss(logits, labels, sample_weight=None, normalizer=None):
     if sample_weight is not None:
         w = w * sample_weight.float()[:, None]
     return (tok * w).sum() / (w.sum().clamp(min=1e-8) if normalizer is None else normalizer)
+
+
+LOSS_CHUNK_ELEMENTS = 2 ** 24  # logits per chunk of causal_lm_loss: 64 MiB in fp32 (512 rows at vocabulary 32000)
+
+
+def causal_lm_loss(hidden, lm_head_weight, labels, sample_weight=None, normalizer=None,
+                   chunk_elements=LOSS_CHUNK_ELEMENTS):
+    """lm_loss(hidden @ lm_head_weight^T, labels, sample_weight, normalizer), computed without the
+    (B, T, vocab) logits: only the supervised positions (labels[t + 1] != IGNORE_INDEX) go through
+    lm_head, a chunk of rows at a time, and each chunk's gradient is formed while its logits exist:
+
+        d loss / d logits_i = w_i (softmax(logits_i) - onehot(y_i)),   w_i = token weight / denominator
+
+    so what outlives a chunk is the gradient for its rows of `hidden` (and for lm_head_weight,
+    when it is trained), not the logits. Equal to lm_loss to fp32 rounding (tests/test_model.py);
+    in LLaVA training most positions (image patches, prompt) are not supervised and never reach
+    lm_head. The logits are computed in the dtype autocast gives F.linear and the cross-entropy in
+    fp32, as lm_loss does after `.float()`. Differentiable once (no double backward)."""
+    if hidden.shape[:2] != labels.shape:
+        raise ValueError(f"hidden {tuple(hidden.shape)} and labels {tuple(labels.shape)} disagree")
+    sel = labels[:, 1:] != IGNORE_INDEX  # (B, T-1): position t predicts token t+1
+    w = sel.float() if sample_weight is None else sel * sample_weight.float()[:, None]
+    w = w / (w.sum().clamp(min=1e-8) if normalizer is None else normalizer)
+    rows, targets, w = hidden[:, :-1][sel], labels[:, 1:][sel], w[sel]  # (N, H), (N,), (N,)
+    chunk = max(1, chunk_elements // lm_head_weight.shape[0])
+    if torch.is_grad_enabled() and (rows.requires_grad or lm_head_weight.requires_grad):
+        return _LinearCrossEntropy.apply(rows, lm_head_weight, targets, w, chunk)
+    return sum((_chunk_loss(rows[s:s + chunk], lm_head_weight, targets[s:s + chunk], w[s:s + chunk])[0]
+                for s in range(0, len(rows), chunk)), torch.zeros((), device=hidden.device))
+
+
+def _chunk_loss(h, weight, targets, w):
+    """-> (sum_i w_i CE_i, d that / d logits), for one chunk of rows. One exp per logit: the
+    probabilities are exp(z - max) / s, the log-sum-exp is max + log s."""
+    z = F.linear(h, weight).float()  # (C, V)
+    z_target = z.gather(1, targets[:, None]).squeeze(1)
+    top = z.amax(1, keepdim=True)
+    z.sub_(top).exp_()  # unnormalised probabilities, in the logits' memory
+    s = z.sum(1, keepdim=True)
+    loss = ((top + s.log()).squeeze(1) - z_target).mul(w).sum()
+    z.mul_(w[:, None] / s)  # w_i softmax_i ...
+    z[torch.arange(len(targets), device=z.device), targets] -= w  # ... minus w_i onehot(y_i)
+    return loss, z
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, rows, weight, targets, w, chunk):
+        grad_rows = torch.empty_like(rows) if ctx.needs_input_grad[0] else None
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) \
+            if ctx.needs_input_grad[1] else None
+        total = torch.zeros((), device=rows.device)
+        for s in range(0, len(rows), chunk):
+            h = rows[s:s + chunk]
+            loss, g = _chunk_loss(h, weight, targets[s:s + chunk], w[s:s + chunk])
+            total += loss
+            if grad_rows is not None:
+                grad_rows[s:s + chunk] = g.to(h.dtype) @ weight
+            if grad_weight is not None:
+                grad_weight += g.t() @ h.float()
+            del g  # one chunk's logits alive at a time
+        ctx.save_for_backward(grad_rows, grad_weight)
+        ctx.weight_dtype = weight.dtype
+        return total
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_loss):
+        grad_rows, grad_weight = ctx.saved_tensors
+        return (None if grad_rows is None else grad_rows * grad_loss.to(grad_rows.dtype),
+                None if grad_weight is None else (grad_weight * grad_loss).to(ctx.weight_dtype),
+                None, None, None)
 
 
 def supervised_weight(labels, sample_weight=None):
@@ -527,13 +638,18 @@ class LlavaModel(nn.Module):
         return torch.stack(embeds), torch.stack(masks), labels, torch.stack(img_masks)
 
     def forward(self, input_ids, pixel_values=None, attention_mask=None, labels=None,
-                return_hidden=False, sample_weight=None):
+                return_hidden=False, sample_weight=None, normalizer=None, return_logits=None):
+        """With labels: the loss (causal_lm_loss with sample_weight and normalizer, see lm_loss),
+        and no logits unless return_logits=True: training never needs the (B, T', vocab) tensor.
+        Without labels: the logits."""
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         embeds, mask, labels, image_mask = self.prepare_inputs(input_ids, pixel_values, attention_mask, labels)
-        out = self.llm(inputs_embeds=embeds, attention_mask=mask, return_hidden=return_hidden)
-        logits, hidden = out if return_hidden else (out, None)
-        loss = lm_loss(logits, labels, sample_weight) if labels is not None else None
+        out = self.llm(inputs_embeds=embeds, attention_mask=mask, return_hidden=return_hidden, head=False)
+        x, hidden = out if return_hidden else (out, None)
+        loss = None if labels is None else \
+            causal_lm_loss(x, self.llm.lm_head.weight, labels, sample_weight, normalizer)
+        logits = self.llm.lm_head(x) if (labels is None if return_logits is None else return_logits) else None
         return LlavaOutput(logits, loss, hidden, mask, labels, image_mask)
 
 
@@ -553,12 +669,31 @@ def _sample(logits, temperature, top_p, generator):
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+def decode_step(llm, tokens, positions, key_mask, cache):
+    """One new token per sample at fixed shapes -> its logits (B, vocab). tokens, positions (B, 1);
+    key_mask (B, S) bool, the cache slots each sample attends to (its real tokens so far and this
+    one); the token is written at cache.slot. The attention runs over all S slots with the unused
+    ones masked out, so no shape depends on the step: torch.compile captures this once."""
+    x = llm.model.embed_tokens(tokens)
+    cos, sin = rope_cos_sin(positions, llm.config.head_dim, llm.config.rope_theta, x.dtype)
+    mask = key_mask[:, None, None, :]
+    for i, layer in enumerate(llm.model.layers):
+        x = layer(x, cos, sin, mask, cache, i)
+    return llm.lm_head(llm.model.norm(x))[:, -1]
+
+
+_compiled_decode_step = None
+
+
 @torch.no_grad()
 def generate(model, prompts, pixel_values=None, max_new_tokens=256, temperature=0.0, top_p=1.0,
-             eos_token_id=2, pad_token_id=0, generator=None):
+             eos_token_id=2, pad_token_id=0, generator=None, compile=False):
     """Decode a batch of prompts (lists of ids; -200 marks the image for a LlavaModel) with a KV
     cache. Prompts are left-padded so every sample's next token sits in the last column. Returns
-    the new tokens of each sample, cut before its first EOS. Greedy when temperature is 0."""
+    the new tokens of each sample, cut before its first EOS. Greedy when temperature is 0.
+    compile=True runs the decode steps through torch.compile(decode_step): the first call per batch
+    size and length compiles (tens of seconds on CPU), later ones reuse it."""
+    global _compiled_decode_step
     llm = model.llm if isinstance(model, LlavaModel) else model
     device = next(model.parameters()).device
     B, L = len(prompts), max(len(p) for p in prompts)
@@ -572,21 +707,32 @@ def generate(model, prompts, pixel_values=None, max_new_tokens=256, temperature=
     else:
         embeds = llm.model.embed_tokens(ids)
     dtype = llm.model.embed_tokens.weight.dtype
-    cache = KVCache(llm.config, B, embeds.shape[1] + max_new_tokens, device, dtype)
+    P = embeds.shape[1]  # prompt length after the image is spliced in
+    cache = KVCache(llm.config, B, P + max_new_tokens, device, dtype)
     logits = llm(inputs_embeds=embeds.to(dtype), attention_mask=mask, cache=cache, last_only=True)[:, -1]
-    out = torch.empty(B, 0, dtype=torch.long, device=device)
+    # decode: the cache slot, each sample's position and the slots it may see, all as tensors
+    cache.slot = torch.tensor([P], device=device)
+    positions = mask.sum(1, keepdim=True)  # (B, 1): real tokens so far = the next token's position
+    key_mask = torch.zeros(B, P + max_new_tokens, dtype=torch.bool, device=device)
+    key_mask[:, :P] = mask.bool()
+    if compile and _compiled_decode_step is None:
+        _compiled_decode_step = torch.compile(decode_step)
+    step = _compiled_decode_step if compile else decode_step
+    out = torch.full((B, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
-    for _ in range(max_new_tokens):
-        nxt = _sample(logits, temperature, top_p, generator)
-        nxt = nxt.masked_fill(done, pad_token_id)
-        out = torch.cat([out, nxt[:, None]], dim=1)
+    i = -1
+    for i in range(max_new_tokens):
+        nxt = _sample(logits, temperature, top_p, generator).masked_fill(done, pad_token_id)
+        out[:, i] = nxt
         done |= nxt == eos_token_id
-        if bool(done.all()):
+        if bool(done.all()) or i == max_new_tokens - 1:
             break
-        mask = torch.cat([mask, mask.new_ones(B, 1)], dim=1)
-        logits = llm(nxt[:, None], attention_mask=mask, cache=cache)[:, -1]
+        key_mask[:, P + i] = True
+        logits = step(llm, nxt[:, None], positions, key_mask, cache)
+        positions += 1
+        cache.slot += 1
     results = []
-    for row in out.tolist():
+    for row in out[:, :i + 1].tolist():
         results.append(row[:row.index(eos_token_id)] if eos_token_id in row else row)
     return results
 
@@ -670,6 +816,9 @@ def assign_checkpoint(module, sd, source):
     the meta device take the loaded tensors themselves, so a 7B load holds one copy of the
     weights, not two."""
     check_state_dict(module.state_dict(keep_vars=True), sd, source)
+    for k, v in sd.items():  # tensors read from a file can start anywhere: align them (see `linear`)
+        if v.device.type == "cpu" and v.data_ptr() % 64:
+            sd[k] = v.clone()  # one tensor at a time: its unaligned copy is freed as the next is made
     module.load_state_dict(sd, strict=True, assign=True)
 
 

@@ -51,8 +51,8 @@ from fairness import H_NORMS, NEGATIVE_CHOICES, POOL_CHOICES, PROTOCOLS, TOKEN_C
 from lora import LoRAConfig, apply_lora, count_parameters, lora_state_dict, load_peft_adapter, \
     mark_only_lora_as_trainable, save_peft_adapter
 from data import load_tokenizer
-from model import (LlamaConfig, LlavaModel, VisionConfig, check_state_dict, load_llava, load_projector, lm_loss,
-                   supervised_weight)
+from model import (LOSS_CHUNK_ELEMENTS, LlamaConfig, LlavaModel, VisionConfig, check_state_dict, load_llava,
+                   load_projector, supervised_weight)
 
 METHODS = ("lora", "resample", "reweight", "fairllava")
 DTYPES = ("bf16", "fp32")
@@ -701,8 +701,8 @@ def micro_step(cfg, net, fair, dac_opt, b, d, use_autocast, n_tok):
     px = b["pixel_values"].to(dev)
     sw = b["sample_weight"].to(dev) if "sample_weight" in b else None  # reweighting baseline
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_autocast):
-        out = net(ids, px, mask, labels, return_hidden=fair is not None)
-    lm = lm_loss(out.logits, out.labels, sw, normalizer=n_tok) * d.world
+        out = net(ids, px, mask, labels, return_hidden=fair is not None, sample_weight=sw, normalizer=n_tok)
+    lm = out.loss * d.world
     loss = cfg.lm_weight * lm
     # this micro-batch's mean token loss, for the log: the same sum over its own token count
     stats = {"lm_loss": lm.detach() * n_tok / (d.world * supervised_weight(out.labels, sw).clamp_min(1e-8))}
@@ -935,7 +935,10 @@ def dry_run(cfg, llm_cfg=None, vision_cfg=None):
         # with checkpointing each layer keeps its input; one layer's activations are rebuilt in backward
         "layer inputs kept by checkpointing": L * B * T * H * w,
         "one layer recomputed (attn + SwiGLU + LoRA paths, flash attention)": B * T * (10 * H + 4 * I + 14 * cfg.lora.r) * w,
-        "logits + their gradient (fp32 for the loss)": 3 * B * T * V * 4,
+        # model.causal_lm_loss: one chunk of fp32 logits at a time (+ its bf16 copies), and the
+        # supervised rows of the last hidden state with their gradient (at most all B * T)
+        "LM loss: one chunk of logits, supervised rows + their gradient":
+            max(1, LOSS_CHUNK_ELEMENTS // V) * V * (4 + (2 if w == 2 else 0)) + 2 * B * T * H * w,
     }
     official = (llm_cfg, vision_cfg) == (LlamaConfig(), VisionConfig())
     what = "Vicuna-7B + BiomedCLIP ViT-B/16" if official else \

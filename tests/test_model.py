@@ -2,13 +2,14 @@
 loading in the official layouts, and clear errors on bad input."""
 
 import json
+import shutil
 
 import pytest
 import torch
 
-from model import (IGNORE_INDEX, IMAGE_TOKEN_INDEX, CheckpointError, Llama, LlamaConfig, LlavaModel,
-                   VisionConfig, build_projector, check_state_dict, generate, load_llama, load_projector, lm_loss,
-                   save_llama, tiny_llava)
+from model import (IGNORE_INDEX, IMAGE_TOKEN_INDEX, CheckpointError, KVCache, Llama, LlamaConfig, LlavaModel,
+                   VisionConfig, build_projector, causal_lm_loss, check_state_dict, decode_step, generate, load_llama,
+                   load_projector, lm_loss, save_llama, tiny_llava)
 
 CONFIGS = {
     "mha": LlamaConfig.tiny(num_key_value_heads=4),
@@ -103,6 +104,45 @@ def test_generate_stops_at_eos_and_matches_hf(tmp_path):
     assert hf == free
 
 
+def test_decode_step_logits_equal_full_forward():
+    """The fixed-shape decode step (attention over every cache slot, unused ones masked) gives the
+    logits of a full forward pass, for a left-padded batch."""
+    model = random_llama(CONFIGS["gqa"])
+    prompts = [[1, 5, 9, 200, 17], [1, 40]]
+    new = [[33, 7, 8], [2, 250, 6]]  # tokens fed one by one after the prompt
+    got = []
+    with torch.no_grad():
+        cache = KVCache(model.config, 2, 5 + 3, "cpu", torch.float32)
+        ids = torch.tensor([[1, 5, 9, 200, 17], [0, 0, 0, 1, 40]])  # the second prompt left-padded
+        mask = torch.tensor([[1] * 5, [0, 0, 0, 1, 1]])
+        model(ids, attention_mask=mask, cache=cache)  # prefill
+        cache.slot = torch.tensor([5])
+        positions = mask.sum(1, keepdim=True)
+        key_mask = torch.zeros(2, 8, dtype=torch.bool)
+        key_mask[:, :5] = mask.bool()
+        for i in range(3):
+            key_mask[:, 5 + i] = True
+            got.append(decode_step(model, torch.tensor([[new[0][i]], [new[1][i]]]), positions, key_mask, cache))
+            positions += 1
+            cache.slot += 1
+    for b in range(2):
+        seq = torch.tensor([prompts[b] + new[b]])
+        with torch.no_grad():
+            want = model(seq)[0, len(prompts[b]):]
+        torch.testing.assert_close(torch.stack([g[b] for g in got]), want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++")), reason="torch.compile needs a C++ compiler on CPU")
+def test_compiled_generate_equals_eager():
+    model = random_llama(CONFIGS["gqa"])
+    prompts = [[1, 5, 9, 200, 17], [1, 40], [1, 3, 4]]
+    eager = generate(model, prompts, max_new_tokens=6, eos_token_id=-1)
+    assert generate(model, prompts, max_new_tokens=6, eos_token_id=-1, compile=True) == eager
+    eos = eager[1][2]  # one sample stops early: the others go on, padded
+    assert generate(model, prompts, max_new_tokens=6, eos_token_id=eos, compile=True) == \
+        generate(model, prompts, max_new_tokens=6, eos_token_id=eos)
+
+
 def test_sampling_is_seeded_and_top_p_tiny_is_greedy():
     model = random_llama(CONFIGS["mha"])
     p = [[1, 2, 3]]
@@ -138,7 +178,9 @@ def test_llava_splices_image_and_masks_labels():
     mask = torch.tensor([[1] * 6, [1, 1, 1, 1, 0, 0]])
     labels = torch.tensor([[IGNORE_INDEX] * 4 + [7, 8], [IGNORE_INDEX] * 3 + [10, IGNORE_INDEX, IGNORE_INDEX]])
     pixels = torch.randn(2, 3, 32, 32)
-    out = model(ids, pixels, mask, labels, return_hidden=True)
+    out = model(ids, pixels, mask, labels, return_hidden=True, return_logits=True)
+    assert model(ids, pixels, mask, labels).logits is None  # training's call: the loss, no logits
+    torch.testing.assert_close(out.loss, lm_loss(out.logits, out.labels), atol=1e-6, rtol=1e-6)
     T = 6 - 1 + N
     assert out.logits.shape[:2] == out.labels.shape == out.image_mask.shape == (2, T)
     assert out.image_mask[0, 2:2 + N].all() and out.image_mask.sum() == 2 * N
@@ -163,6 +205,69 @@ def test_lm_loss_weighting():
     # Weight 0 on a sample removes it; equal weights change nothing.
     torch.testing.assert_close(lm_loss(logits, labels, torch.tensor([0.0, 1.0])), lm_loss(logits[1:], labels[1:]))
     torch.testing.assert_close(lm_loss(logits, labels, torch.tensor([2.0, 2.0])), plain)
+
+
+def _loss_and_grads(fn, h0, W0):
+    h, W = h0.clone().requires_grad_(), W0.clone().requires_grad_()
+    loss = fn(h, W)
+    loss.backward()
+    return loss.detach(), h.grad, W.grad
+
+
+@pytest.mark.parametrize("chunk_elements", [1, 7 * 50, 2 ** 24])  # one row, a few rows, one chunk
+@pytest.mark.parametrize("weighting", ["plain", "sample_weight", "normalizer"])
+def test_fused_loss_equals_full_logits(chunk_elements, weighting):
+    g = torch.Generator().manual_seed(0)
+    B, T, H, V = 3, 9, 16, 50
+    h0, W0 = torch.randn(B, T, H, generator=g), torch.randn(V, H, generator=g)
+    labels = torch.randint(0, V, (B, T), generator=g)
+    labels[0, :4] = IGNORE_INDEX  # a prompt
+    labels[1, 6:] = IGNORE_INDEX  # padding
+    labels[2] = IGNORE_INDEX  # nothing supervised in this sample
+    kw = {"plain": {}, "sample_weight": {"sample_weight": torch.tensor([0.5, 2.0, 3.0])},
+          "normalizer": {"normalizer": torch.tensor(40.0)}}[weighting]
+    want = _loss_and_grads(lambda h, W: lm_loss(h @ W.T, labels, **kw), h0, W0)
+    got = _loss_and_grads(lambda h, W: causal_lm_loss(h, W, labels, chunk_elements=chunk_elements, **kw), h0, W0)
+    for a, b, what in zip(got, want, ("loss", "grad hidden", "grad lm_head")):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6, msg=what)
+    with torch.no_grad():  # evaluation: the same loss, no autograd function
+        torch.testing.assert_close(causal_lm_loss(h0, W0, labels, chunk_elements=chunk_elements, **kw), want[0],
+                                   atol=1e-6, rtol=1e-6)
+
+
+def test_fused_loss_edge_cases():
+    h, W = torch.randn(2, 5, 8, requires_grad=True), torch.randn(11, 8)
+    none = torch.full((2, 5), IGNORE_INDEX)
+    loss = causal_lm_loss(h, W, none)  # nothing supervised: 0, and a zero gradient
+    loss.backward()
+    assert loss.item() == 0 and torch.equal(h.grad, torch.zeros_like(h))
+    with pytest.raises(ValueError, match="disagree"):
+        causal_lm_loss(h, W, none[:, :4])
+    # bf16 hidden state and head: the logits in bf16, the cross-entropy in fp32, like lm_loss
+    labels = torch.randint(0, 11, (2, 5))
+    hb, Wb = h.detach().bfloat16(), W.bfloat16()
+    torch.testing.assert_close(causal_lm_loss(hb, Wb, labels), lm_loss(hb @ Wb.T, labels), atol=1e-6, rtol=1e-6)
+
+
+def test_fused_loss_never_holds_the_logits():
+    """Peak memory of the loss's forward + backward: under one chunk of logits, where the full
+    cross-entropy holds several (N, V) tensors (bench/bench_speed.py's LiveBytes counter)."""
+    import importlib.util
+    import os
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "bench_speed.py")
+    spec = importlib.util.spec_from_file_location("bench_speed", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    B, T, H, V = 2, 64, 16, 1000
+    W, labels = torch.randn(V, H), torch.randint(0, V, (B, T))
+    logits_bytes = B * (T - 1) * V * 4
+    peaks = {}
+    for name, fn in (("full", lambda h: lm_loss(h @ W.T, labels)),
+                     ("fused", lambda h: causal_lm_loss(h, W, labels, chunk_elements=16 * V))):
+        h = torch.randn(B, T, H, requires_grad=True)
+        peaks[name], _ = bench.peak_tensor_memory(lambda: fn(h).backward())
+    assert peaks["full"] >= 2 * logits_bytes  # the counter sees the logits and their gradient
+    assert peaks["fused"] < 16 * V * 4 + 4 * B * T * H * 4  # one 16-row chunk + a few (B, T, H) tensors
 
 
 def test_llava_generate_matches_stepwise():
