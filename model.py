@@ -649,7 +649,9 @@ class LlavaModel(nn.Module):
         x, hidden = out if return_hidden else (out, None)
         loss = None if labels is None else \
             causal_lm_loss(x, self.llm.lm_head.weight, labels, sample_weight, normalizer)
-        logits = self.llm.lm_head(x) if (labels is None if return_logits is None else return_logits) else None
+        if return_logits is None:
+            return_logits = labels is None
+        logits = self.llm.lm_head(x) if return_logits else None
         return LlavaOutput(logits, loss, hidden, mask, labels, image_mask)
 
 
