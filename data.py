@@ -26,6 +26,7 @@ import argparse
 import csv
 import json
 import math
+import os
 import struct
 from collections import Counter
 from dataclasses import dataclass
@@ -299,6 +300,18 @@ def read_llava_json(path, dataset="mimic", image_root=None, on_error="raise", ch
 # findings, all demographics present)
 
 
+def check_convert_paths(csv_path, out_path, overwrite=False):
+    """Before a conversion reads anything: it never writes over its own input, and over an existing
+    file only with --overwrite (the user's own JSON may sit at that name)."""
+    csv_path, out_path = Path(csv_path), Path(out_path)
+    if out_path.exists() and csv_path.exists() and out_path.resolve() == csv_path.resolve():
+        raise DataError(f"--convert: OUT_JSON {out_path} is the input CSV itself; give another output path")
+    if out_path.is_dir():
+        raise DataError(f"--convert: OUT_JSON {out_path} is a folder; give a file path")
+    if out_path.exists() and not overwrite:
+        raise DataError(f"--convert: OUT_JSON {out_path} exists; --overwrite replaces it, or give another path")
+
+
 def _convert(csv_path, out_path, make_item, columns):
     """Rows of csv_path -> make_item -> a LLaVA JSON list in out_path. `columns`: the header names
     the converter needs, each a name or a tuple of alternatives (one of them is enough). A CSV
@@ -318,8 +331,12 @@ def _convert(csv_path, out_path, make_item, columns):
     why = ", ".join(f"{k} {v}" for k, v in dropped.most_common()) or "none"
     if not items:
         raise DataError(f"{csv_path}: none of its {len(rows)} rows is usable (dropped: {why}); nothing written")
-    with open(out_path, "w") as f:
-        json.dump(items, f, indent=1)
+    tmp = Path(str(out_path) + ".tmp")
+    try:  # whole or not at all: a killed conversion leaves no half-written JSON under the real name
+        tmp.write_text(json.dumps(items, indent=1))
+        os.replace(tmp, out_path)
+    finally:
+        tmp.unlink(missing_ok=True)
     print(f"{csv_path}: wrote {len(items)} of {len(rows)} rows to {out_path} (dropped: {why})")
     return items
 
@@ -818,6 +835,7 @@ def main(argv=None):
                          "so a truncated or corrupt file passes --check and fails when training reaches it")
     ap.add_argument("--convert", nargs=3, metavar=("DATASET", "CSV", "OUT_JSON"),
                     help="convert a metadata CSV (mimic|padchest|ham) to LLaVA JSON")
+    ap.add_argument("--overwrite", action="store_true", help="--convert: replace an existing OUT_JSON")
     args = ap.parse_args(argv)
     if not (args.check or args.convert):
         ap.error("nothing to do: give --check or --convert (the synthetic benchmark: python synthetic.py)")
@@ -832,6 +850,7 @@ def main(argv=None):
                                                    on_error="skip" if args.skip_bad else "raise"))
         if args.convert:
             dataset, csv_path, out_path = args.convert
+            check_convert_paths(csv_path, out_path, args.overwrite)
             converters[dataset](csv_path, out_path)
     except (ValueError, OSError) as e:
         raise SystemExit(f"data.py: error: {one_line(e)}") from None

@@ -29,6 +29,7 @@ it was made with; a folder is reused only when they equal the requested ones, re
 """
 
 import argparse
+import hashlib
 import json
 import math
 import shutil
@@ -146,29 +147,101 @@ def portable(key, root):
     return "$DIR/" + key[len(root):] if isinstance(key, str) and key.startswith(root) else key
 
 
+def _claim(folder):
+    """The marker beside an unfinished unit: the demo's proof that it made the folder, so that a
+    killed run's half-written folder can be removed and nothing else ever is."""
+    return folder.with_name(folder.name + ".demo_unfinished")
+
+
+def _not_a_folder(path):
+    if path.is_symlink() or (path.exists() and not path.is_dir()):
+        kind = "a symbolic link" if path.is_symlink() else "a file"
+        raise DemoError(f"{path} is {kind}, not a folder the demo made; move it away or use another --dir")
+
+
 def unit(folder, key, overwrite, root=None):
     """True when `folder` is complete and was made with `key` (a JSON-able dict; paths under `root`
     compared relative to it): reuse it. A folder made with other settings is refused (DemoError
-    naming the fields), or removed with --overwrite; an unfinished one is removed. False: the
-    caller makes it, then calls done() with the same key."""
+    naming the fields), or removed with --overwrite; an unfinished one of the demo's is removed.
+    False: the caller makes it, then calls done() with the same key.
+    The rule for what is removed: only a folder the demo can prove it made: one holding its
+    demo_key.json, or one with the demo's "unfinished" marker beside it (written before the folder
+    is made). Any other folder, file or link at that path is refused, untouched."""
     folder = Path(folder)
-    stamp = folder / "demo_key.json"
+    _not_a_folder(folder)
+    stamp, claim = folder / "demo_key.json", _claim(folder)
     if stamp.is_file():
-        old = json.loads(stamp.read_text())
+        try:
+            old = json.loads(stamp.read_text())
+        except ValueError as e:
+            raise DemoError(f"{stamp}: not readable JSON ({e}); remove the folder or use another --dir") from None
         key = json.loads(json.dumps(portable(key, root) if root is not None else key))  # tuples -> lists
         if old == key:
             return True
-        diff = sorted(k for k in set(old) | set(key) if old.get(k) != key.get(k))
+        diff = sorted(k for k in set(old) | set(key) if old.get(k) != key.get(k)) if isinstance(old, dict) else ["all"]
         if not overwrite:
             raise DemoError(f"{folder} was made with other settings ({', '.join(diff)} differ); "
                             f"use another --dir, or --overwrite to redo it")
+    elif folder.exists() and not (claim.is_file() and not claim.is_symlink()):
+        raise DemoError(f"{folder} exists but was not made by the demo (no demo_key.json in it); "
+                        f"move it away or use another --dir")
+    if claim.is_symlink() or claim.is_dir():
+        raise DemoError(f"{claim}: expected the demo's marker of an unfinished folder, a plain file; move it away")
+    claim.parent.mkdir(parents=True, exist_ok=True)
+    claim.write_text("made by demo.py; unfinished until demo_key.json is written in the folder\n")
     if folder.exists():
         shutil.rmtree(folder)
     return False
 
 
 def done(folder, key, root=None):
-    (Path(folder) / "demo_key.json").write_text(json.dumps(portable(key, root) if root is not None else key, indent=1))
+    folder = Path(folder)
+    (folder / "demo_key.json").write_text(json.dumps(portable(key, root) if root is not None else key, indent=1))
+    _claim(folder).unlink(missing_ok=True)
+
+
+# The files the demo writes in --dir itself, and the record of what it wrote there (a SHA-256 per
+# file): one of these names is written over only when it still holds what the demo wrote.
+OUTPUTS = ("results.md", "summary.json", "curves.png", "tradeoff.png")
+LEDGER = "demo_outputs.json"
+
+
+def _ledger(root):
+    path = Path(root) / LEDGER
+    if not path.exists() and not path.is_symlink():
+        return {}
+    if path.is_symlink() or not path.is_file():
+        raise DemoError(f"{path}: expected the demo's record of its outputs, a plain file; move it away")
+    try:
+        ledger = json.loads(path.read_text())
+    except ValueError as e:
+        raise DemoError(f"{path}: not readable JSON ({e}); move it away or use another --dir") from None
+    if not isinstance(ledger, dict):
+        raise DemoError(f"{path}: expected the demo's record of its outputs (a JSON object); move it away")
+    return ledger
+
+
+def _sha256(path):
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def check_outputs(root, names=OUTPUTS):
+    """Before any work: each output that exists in --dir must be the one the demo wrote there."""
+    ledger = _ledger(root)
+    for name in names:
+        path = Path(root) / name
+        if path.is_symlink() or (path.exists() and (not path.is_file() or ledger.get(name) != _sha256(path))):
+            raise DemoError(f"{path} was not written by the demo (or was changed since); move it away or use "
+                            f"another --dir")
+
+
+def write_output(root, name, write):
+    """write(path) one of the demo's files in --dir, then record its fingerprint."""
+    check_outputs(root, [name])
+    path = Path(root) / name
+    write(path)
+    ledger = {**_ledger(root), name: _sha256(path)}
+    (Path(root) / LEDGER).write_text(json.dumps(ledger, indent=1) + "\n")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -511,12 +584,13 @@ def write_report(cfg, root, results, methods, extra_md=""):
                               [[LABELS[m], str(s), d, f"{v['lost']:.3f}", f"{v['gained']:.3f}", f"{v['changed']:.3f}"]
                                for m in methods for s in seeds for d, v in results[(s, m)]["swap"].items()])]
     md.append(extra_md)
-    (root / "results.md").write_text("\n".join(md) + "\n")
+    write_output(root, "results.md", lambda p: p.write_text("\n".join(md) + "\n"))
     summary = {"config": asdict(cfg), "seeds": seeds,
                "runs": {m: {str(s): summary_of(results[(s, m)]) for s in seeds} for m in methods}}
-    (root / "summary.json").write_text(json.dumps(summary, indent=1, allow_nan=False, default=str))
-    draw_curves({LABELS[m]: root / f"seed{seeds[0]}" / m / "monitor.jsonl" for m in methods}, root / "curves.png",
-                f"The mechanism on the val split (seed {seeds[0]})")
+    write_output(root, "summary.json", lambda p: p.write_text(json.dumps(summary, indent=1, allow_nan=False, default=str)))
+    write_output(root, "curves.png", lambda p: draw_curves(
+        {LABELS[m]: root / f"seed{seeds[0]}" / m / "monitor.jsonl" for m in methods}, p,
+        f"The mechanism on the val split (seed {seeds[0]})"))
     print("\n".join(md[:3]))  # the key numbers; the paper's table and the rest are in results.md
     say(f"tables in {root / 'results.md'}, numbers in {root / 'summary.json'}, curves in {root / 'curves.png'}")
 
@@ -620,12 +694,12 @@ def study(cfg, root, pool, paths):
                  f"{k} {f(dose[0.0], k):.2f} vs {f(results[(0, 'lora')], k):.2f}"
                  for k in ("Δ-FindF1(R)", synthetic.FINDING_F1.name, "CheXpert-F1 (micro)", "probe race"))
              + f"; LoRA's Δ-FindF1(R) over seeds 0-2: {', '.join(f'{v:.2f}' for v in lora_spread)}.\n"]
-    draw_lines([(title, {"FairLLaVA, batch-standardised h": [(s, fn(r)) for s, r in dose.items()],
+    write_output(root, "tradeoff.png", lambda p: draw_lines([(title, {"FairLLaVA, batch-standardised h": [(s, fn(r)) for s, r in dose.items()],
                          "LoRA (seed 0)": [(s, fn(results[(0, "lora")])) for s in dose]})
                 for title, fn in (("fresh probe: race (test, %)", lambda r: f(r, "probe race")),
                                   ("gap in Finding-F1 by race", lambda r: gap(r)["gap"]),
                                   ("Finding-F1, whole test set", lambda r: f(r, synthetic.FINDING_F1.name)))],
-               root / "tradeoff.png", "Fairness-utility trade-off (seed 0)", "lambdas x scale (official 0.2 / 0.6 / 0.1)")
+               p, "Fairness-utility trade-off (seed 0)", "lambdas x scale (official 0.2 / 0.6 / 0.1)"))
     write_report(cfg, root, {k: v for k, v in results.items() if k[1] in methods}, methods, "\n".join(extra))
 
 
@@ -633,7 +707,9 @@ def main(argv=None):
     cfg = parse_args(argv)
     t0 = time.time()
     root = Path(cfg.dir)
+    _not_a_folder(root)
     root.mkdir(parents=True, exist_ok=True)
+    check_outputs(root)  # refuse now, not after the runs, a file of the user's that the report would replace
     with ProcessPoolExecutor(cfg.workers, mp_context=get_context("spawn")) as pool:
         paths = prepare(cfg, root, pool)
         if cfg.study:

@@ -802,6 +802,10 @@ def check_out(cfg, overwrite):
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out}: is a file, not a folder")
+    for flag, path in _inputs(cfg).items():  # an input in --out would be cleared (--overwrite) or written over
+        if path and _inside(Path(path), out):
+            raise ValueError(f"{flag} {path} lies inside --out {out}, which train.py writes (and --overwrite "
+                             f"clears): copy it elsewhere or choose another --out")
     if cfg.resume:
         if overwrite:
             raise ValueError("--overwrite clears --out, --resume continues the run in it: give one of them")
@@ -817,6 +821,19 @@ def check_out(cfg, overwrite):
         raise ValueError(f"--overwrite: --out {out} holds files train.py does not write ({_some(foreign)}); "
                          f"remove them or choose another --out")
     return None
+
+
+def _inputs(cfg):
+    """The paths a run reads, by flag (hub ids included: they never lie inside --out)."""
+    return {"--llm": cfg.llm, "--vision": cfg.vision, "--tokenizer": cfg.tokenizer, "--projector": cfg.projector,
+            "--adapter": cfg.adapter, "--train-json": cfg.train_json, "--image-root": cfg.image_root,
+            "--monitor-json": cfg.monitor_json}
+
+
+def _inside(path, folder):
+    """Whether `path` is `folder` or lies under it (links resolved)."""
+    path, folder = path.resolve(), folder.resolve()
+    return path == folder or folder in path.parents
 
 
 def _some(names, n=3):

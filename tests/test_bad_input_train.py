@@ -337,3 +337,51 @@ def test_corrupt_tokenizer_json_is_one_line_naming_it(env, tmp_path, capsys):
     bad.write_text('{"version": "1.0", "model": {"type": "BPE"')
     message = refusal(train.main, argv(env, tmp_path / "out", tokenizer=str(bad)), capsys)
     assert str(bad) in message and "tokenizers file" in message
+
+
+# ----------------------------------------------------------------------------------------------
+# nothing of the user's is lost: inputs inside --out, a conversion over its own input
+
+
+def test_overwrite_never_deletes_an_input_of_the_same_run(env, tmp_path, capsys):
+    """--projector S1/mm_projector.bin --out S1 --overwrite would delete the projector it was given."""
+    s1 = tmp_path / "s1"
+    train.main(argv(env, s1, stage=1))
+    before = (s1 / "mm_projector.bin").read_bytes()
+    for extra in (["--overwrite"], []):
+        message = refusal(train.main, argv(env, s1, *extra, stage=2, projector=str(s1 / "mm_projector.bin")), capsys)
+        assert f"--projector {s1 / 'mm_projector.bin'} lies inside --out {s1}" in message
+    assert (s1 / "mm_projector.bin").read_bytes() == before
+
+
+@pytest.mark.parametrize("flag", ["monitor_json", "train_json"])
+def test_a_json_input_inside_out_is_refused(env, tmp_path, capsys, flag):
+    out = tmp_path / "run"
+    out.mkdir()
+    path = copy_data(env, out)
+    before = path.read_bytes()
+    message = refusal(train.main, argv(env, out, "--overwrite", **{flag: str(path)}), capsys)
+    assert f"--{flag.replace('_', '-')} {path} lies inside --out" in message
+    assert path.read_bytes() == before
+
+
+def test_convert_never_writes_over_its_own_input(tmp_path, capsys):
+    write_csv(tmp_path / "m.csv", [dict(lesion_id="L1", image_id="ISIC_1", dx="mel", age="50", sex="male")])
+    before = (tmp_path / "m.csv").read_bytes()
+    for extra in ([], ["--overwrite"]):
+        message = refusal(data.main, ["--convert", "ham", str(tmp_path / "m.csv"), str(tmp_path / "m.csv"), *extra],
+                          capsys)
+        assert "is the input CSV itself" in message and str(tmp_path / "m.csv") in message
+    assert (tmp_path / "m.csv").read_bytes() == before
+
+
+def test_convert_over_an_existing_file_needs_overwrite(tmp_path, capsys):
+    write_csv(tmp_path / "m.csv", [dict(lesion_id="L1", image_id="ISIC_1", dx="mel", age="50", sex="male")])
+    (tmp_path / "ham.json").write_text("the user's")
+    args = ["--convert", "ham", str(tmp_path / "m.csv"), str(tmp_path / "ham.json")]
+    message = refusal(data.main, args, capsys)
+    assert f"OUT_JSON {tmp_path / 'ham.json'} exists; --overwrite replaces it" in message
+    assert (tmp_path / "ham.json").read_text() == "the user's"
+    data.main(args + ["--overwrite"])
+    assert json.loads((tmp_path / "ham.json").read_text())[0]["id"] == "ISIC_1"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ham.json", "m.csv"]  # no .tmp left

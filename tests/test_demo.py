@@ -3,6 +3,8 @@ settings of each method, the seed statistics and the line charts."""
 
 import json
 import math
+import subprocess
+import sys
 from dataclasses import fields
 from pathlib import Path
 
@@ -130,12 +132,65 @@ def test_overwrite_removes_a_folder_made_with_other_settings(tmp_path):
 
 
 @pytest.mark.parametrize("overwrite", [False, True])
-def test_unfinished_folder_is_removed(tmp_path, overwrite):
+def test_unfinished_folder_of_the_demo_is_removed(tmp_path, overwrite):
     folder = tmp_path / "run"
+    assert demo.unit(folder, KEY, overwrite=overwrite) is False  # the claim is written beside it first
     folder.mkdir()
     (folder / "half_written.bin").write_text("x")  # a run killed before done()
     assert demo.unit(folder, KEY, overwrite=overwrite) is False
     assert not folder.exists()
+    make(folder, KEY)
+    assert not (tmp_path / "run.demo_unfinished").exists()  # done() drops the claim
+    assert demo.unit(folder, KEY, overwrite=overwrite) is True
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_a_folder_the_demo_did_not_make_is_refused_untouched(tmp_path, overwrite):
+    folder = tmp_path / "data"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("mine")
+    with pytest.raises(DemoError, match=r"data exists but was not made by the demo"):
+        demo.unit(folder, KEY, overwrite=overwrite)
+    assert (folder / "notes.txt").read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]
+
+
+@pytest.mark.parametrize("kind", ["file", "symlink"])
+def test_a_file_or_link_in_place_of_a_folder_is_refused(tmp_path, kind):
+    target = tmp_path / "elsewhere"
+    target.mkdir()
+    (target / "thesis.tex").write_text("y")
+    folder = tmp_path / "base"
+    folder.write_text("a file") if kind == "file" else folder.symlink_to(target)
+    with pytest.raises(DemoError, match=r"base is a (file|symbolic link), not a folder"):
+        demo.unit(folder, KEY, overwrite=True)
+    assert (target / "thesis.tex").read_text() == "y"
+    assert folder.is_symlink() or folder.read_text() == "a file"
+
+
+def test_a_torn_key_is_refused_naming_the_file(tmp_path):
+    folder = tmp_path / "run"
+    make(folder, KEY)
+    (folder / "demo_key.json").write_text('{"lr": 0.001, ')
+    with pytest.raises(DemoError, match=r"run/demo_key.json: not readable JSON"):
+        demo.unit(folder, KEY, overwrite=True)
+    assert (folder / "model.bin").read_text() == "weights"
+
+
+def test_outputs_are_written_only_over_the_demos_own(tmp_path):
+    demo.write_output(tmp_path, "results.md", lambda p: p.write_text("run 1"))
+    demo.check_outputs(tmp_path)  # the demo's own file: may be replaced
+    demo.write_output(tmp_path, "results.md", lambda p: p.write_text("run 2"))
+    assert (tmp_path / "results.md").read_text() == "run 2"
+    (tmp_path / "results.md").write_text("edited by hand")
+    (tmp_path / "summary.json").write_text("the user's")
+    for name in ("results.md", "summary.json"):
+        with pytest.raises(DemoError, match=rf"{name} was not written by the demo"):
+            demo.check_outputs(tmp_path, [name])
+        with pytest.raises(DemoError, match=rf"{name} was not written by the demo"):
+            demo.write_output(tmp_path, name, lambda p: p.write_text("x"))
+    assert (tmp_path / "results.md").read_text() == "edited by hand"
+    assert (tmp_path / "summary.json").read_text() == "the user's"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -299,3 +354,31 @@ def test_a_copied_dir_is_reused_as_it_stands(tmp_path):
     assert demo.unit(b / "seed0" / "lora", moved, False, b) is True
     with pytest.raises(DemoError, match="other"):
         demo.unit(b / "seed0" / "lora", {**moved, "other": "/elsewhere/y"}, False, b)
+
+
+# ----------------------------------------------------------------------------------------------
+# the demo at the command line never deletes or overwrites what it did not write
+
+
+def demo_refusal(args, cwd):
+    r = subprocess.run([sys.executable, str(Path(demo.__file__)), *args], cwd=cwd, capture_output=True, text=True,
+                       timeout=120)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode != 0 and len(lines) == 1 and lines[0].startswith("demo.py: error: "), r.stderr
+    return lines[0]
+
+
+def test_demo_refuses_folders_and_files_of_the_user(tmp_path):
+    d = tmp_path / "D"
+    (d / "data").mkdir(parents=True)
+    (d / "base").mkdir()
+    (d / "data" / "notes.txt").write_text("x")
+    (d / "base" / "thesis.tex").write_text("y")
+    (d / "results.md").write_text("my results")
+    message = demo_refusal(["--dir", str(d), "--n-test", "240", "--workers", "1"], tmp_path)
+    assert f"{d / 'results.md'} was not written by the demo" in message
+    (d / "results.md").unlink()
+    message = demo_refusal(["--dir", str(d), "--n-test", "240", "--workers", "1"], tmp_path)
+    assert f"{d / 'data'} exists but was not made by the demo" in message
+    assert (d / "data" / "notes.txt").read_text() == "x" and (d / "base" / "thesis.tex").read_text() == "y"
+    assert sorted(p.name for p in d.iterdir()) == ["base", "data"]
