@@ -295,6 +295,30 @@ def read_llava_json(path, dataset="mimic", image_root=None, on_error="raise", ch
     return records
 
 
+def recorded_attributes(dataset):
+    """The attributes a data set records (HAM10000 and PadChest have no race)."""
+    return tuple(a for a in ATTRIBUTES if DATASETS[dataset][a] is not None)
+
+
+
+def group_names(records, attribute):
+    """The human-readable group of every record for one attribute (data.ATTRIBUTES names)."""
+    if attribute not in ATTRIBUTES:
+        raise ValueError(f"unknown attribute {attribute!r}; choose from {tuple(ATTRIBUTES)}")
+    classes = ATTRIBUTES[attribute].classes
+    codes = [r.get("attrs", {}).get(attribute, UNKNOWN) for r in records]
+    missing = [r["id"] for r, c in zip(records, codes) if c is None or c == UNKNOWN]
+    if missing:
+        raise ValueError(
+            f"attribute {attribute!r} is missing from the metadata of {len(missing)} of {len(records)} records, "
+            f"e.g. {missing[:5]}; score only the attributes the data set records "
+            f"(HAM10000 and PadChest have no race) or drop those records")
+    bad = sorted({c for c in codes if not (isinstance(c, int) and 0 <= c < len(classes))}, key=str)
+    if bad:
+        raise ValueError(f"attribute {attribute!r}: codes {bad} are not in 0..{len(classes) - 1} ({classes})")
+    return [classes[c] for c in codes]
+
+
 # ----------------------------------------------------------------------------------------------
 # Converters: metadata CSV -> LLaVA JSON (filters as the official data: usable views, non-empty
 # findings, all demographics present)

@@ -52,7 +52,8 @@ from metrics import markdown_table
 from model import Llama, LlamaConfig, VisionConfig, VisionTransformer, save_llama
 from fairness import FairnessConfig
 from lora import LoRAConfig
-from train import TrainConfig, cosine_lr, train
+from config import TrainConfig
+from train import cosine_lr, train
 
 # The stand-in base models (fixed: they play the role of downloaded weights).
 LLM = dict(hidden_size=128, intermediate_size=344, num_hidden_layers=4, num_attention_heads=4,

@@ -41,12 +41,9 @@ import hashlib
 import json
 import math
 import os
-import shutil
 import sys
-import tempfile
 import time
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -54,13 +51,13 @@ import torch
 from tqdm import tqdm
 
 import metrics
-from data import (ATTRIBUTES, DATASETS, UNKNOWN, DataError, ImageProcessor, OneLineParser, ReportDataset, clip, collate,
-                  conversation_prompt, load_image, load_tokenizer, one_line, read_llava_json, tokenize_with_image,
-                  tokenizer_file)
+from data import (ATTRIBUTES, DATASETS, UNKNOWN, ImageProcessor, OneLineParser, ReportDataset, clip, collate,
+                  conversation_prompt, group_names, load_image, load_tokenizer, one_line, read_llava_json,
+                  recorded_attributes, tokenize_with_image, tokenizer_file)
 from fairness import FairnessConfig, fit_linear_probe, pool_hidden, token_mask
-from lora import check_adapter_files, load_peft_adapter, merge_lora
-from model import (CheckpointError, check_llama_files, check_projector_file, check_vision_files, generate, load_llava,
-                   resolve_path, vision_image_size, weight_files)
+from lora import load_peft_adapter, merge_lora
+from model import generate, load_llava, resolve_path, weight_files
+from preflight import Preflight, preflight_model, preflight_out, preflight_paths, preflight_records
 
 # The metrics of each data set, and which of them make the paper's equity-scaled table and the chart.
 # short column name -> metric name. The paper's clinical column is RadGraph-F1 (MIMIC main table) and
@@ -80,11 +77,6 @@ def dataset_metrics(dataset):
     if dataset not in HEADLINE:
         raise ValueError(f"unknown dataset {dataset!r}; choose from {sorted(HEADLINE)}")
     return metrics.ham_metrics() if dataset == "ham" else metrics.report_metrics()
-
-
-def recorded_attributes(dataset):
-    """The attributes a data set records (HAM10000 and PadChest have no race)."""
-    return tuple(a for a in ATTRIBUTES if DATASETS[dataset][a] is not None)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -220,24 +212,6 @@ def match_predictions(predictions, records):
             msg += f"; {len(missing)} test records have no prediction, e.g. {missing[:5]}"
         raise ValueError(msg)
     return [by_id[r["id"]] for r in records], [r["answer"] for r in records]
-
-
-def group_names(records, attribute):
-    """The human-readable group of every record for one attribute (data.ATTRIBUTES names)."""
-    if attribute not in ATTRIBUTES:
-        raise ValueError(f"unknown attribute {attribute!r}; choose from {tuple(ATTRIBUTES)}")
-    classes = ATTRIBUTES[attribute].classes
-    codes = [r.get("attrs", {}).get(attribute, UNKNOWN) for r in records]
-    missing = [r["id"] for r, c in zip(records, codes) if c is None or c == UNKNOWN]
-    if missing:
-        raise ValueError(
-            f"attribute {attribute!r} is missing from the metadata of {len(missing)} of {len(records)} records, "
-            f"e.g. {missing[:5]}; score only the attributes the data set records "
-            f"(HAM10000 and PadChest have no race) or drop those records")
-    bad = sorted({c for c in codes if not (isinstance(c, int) and 0 <= c < len(classes))}, key=str)
-    if bad:
-        raise ValueError(f"attribute {attribute!r}: codes {bad} are not in 0..{len(classes) - 1} ({classes})")
-    return [classes[c] for c in codes]
 
 
 def _pair(interval):
@@ -640,239 +614,7 @@ def claim_predictions(out_dir, key, overwrite=False):
 
 
 # ----------------------------------------------------------------------------------------------
-# Preflight: every input of a run checked in seconds, so that a cluster job fails before it queues
-# for a GPU rather than 20 minutes in. Checkpoints are checked from their headers (model.py's
-# check_*_files build the model on the meta device), data in full. train.py adds its own checks.
-
-GIB = 1024 ** 3
-LOCAL_MODEL_PATTERNS = {"--llm": ["*.json", "*.safetensors", "*.bin", "tokenizer*"],
-                        "--vision": ["*.json", "*.bin", "*.safetensors"]}
-
-
-class Preflight:
-    """A table of checks, one row each: (name, "ok" | "problem" | "skipped", detail). A check is a
-    function returning its detail line, or (detail, value) to hand a value to later checks; a
-    ValueError or OSError it raises (CheckpointError and DataError are ValueErrors) becomes a
-    problem row holding the error's one-line message."""
-
-    def __init__(self):
-        self.rows = []
-
-    def check(self, name, fn):
-        try:
-            result = fn()
-        except (ValueError, OSError) as e:
-            self.rows.append((name, "problem", one_line(e)))
-            return None
-        detail, value = result if isinstance(result, tuple) else (result, None)
-        self.rows.append((name, "ok", detail))
-        return value
-
-    def skip(self, name, why):
-        self.rows.append((name, "skipped", why))
-
-    def problems(self):
-        return [f"{name}: {detail}" for name, status, detail in self.rows if status == "problem"]
-
-    def report(self, prog):
-        """Print the table, then one line per problem on stderr -> the exit status (0 or 2)."""
-        width = max(len(name) for name, _, _ in self.rows)
-        print(f"{'check':<{width}}  {'result':<8}  detail")
-        for name, status, detail in self.rows:
-            print(f"{name:<{width}}  {status:<8}  {detail}")
-        problems = self.problems()
-        print(f"preflight: {len(problems)} problem(s); " + ("the run would not start" if problems else "the run would start"))
-        for line in problems:
-            print(f"{prog}: preflight: {line}", file=sys.stderr)
-        return 2 if problems else 0
-
-
-def _find_input(path, kind, flag):
-    """One input path -> (detail, resolved Path). kind: "file", "folder", "file or folder", or
-    "model" (a local path, or a hub id already in the local cache: the preflight never downloads)."""
-    if kind == "model":
-        p = resolve_path(path, LOCAL_MODEL_PATTERNS.get(flag), cache_only=True)
-        return (str(p) if str(p) == str(path) else f"{path} -> {p}"), p
-    p = Path(path)
-    ok = {"file": p.is_file(), "folder": p.is_dir(), "file or folder": p.exists()}[kind]
-    if not ok:
-        raise FileNotFoundError(f"{path}: {'no such ' + kind if not p.exists() else 'not a ' + kind}")
-    return str(p), p
-
-
-def preflight_paths(pf, inputs, required=()):
-    """inputs {flag: (path or "", kind)} -> {flag: resolved Path} of those that resolve; one row each.
-    An empty path is fine (the input is optional) unless its flag is in `required`."""
-    found = {}
-    for flag, (path, kind) in inputs.items():
-        if not path:
-            if flag in required:
-                pf.check(f"path {flag}", lambda flag=flag: _raise(ValueError(f"{flag} is required")))
-            continue
-        p = pf.check(f"path {flag}", lambda path=path, kind=kind, flag=flag: _find_input(path, kind, flag))
-        if p is not None:
-            found[flag] = p
-    return found
-
-
-def _raise(e):
-    raise e
-
-
-def _llm_row(llm):
-    cfg, sd = check_llama_files(llm)
-    n = sum(v.numel() for k, v in sd.items() if not (cfg.tie_word_embeddings and k == "lm_head.weight"))
-    rows = sd["model.embed_tokens.weight"].shape[0]
-    return (f"{len(sd)} tensors match: {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, "
-            f"embedding {rows} x {cfg.hidden_size}, {n:,} parameters"), (cfg, rows)
-
-
-def _vision_row(vision, heads):
-    cfg, f = check_vision_files(vision, heads)
-    return (f"{Path(f).name}: ViT width {cfg.width}, depth {cfg.depth}, {cfg.num_heads} heads, "
-            f"patch {cfg.patch_size}, {cfg.grid}x{cfg.grid} grid"), (cfg, f)
-
-
-def _projector_row(path, vis, llm):
-    check_projector_file(path, vis.width, llm.hidden_size)
-    return f"mm_projector {vis.width} -> {llm.hidden_size} -> {llm.hidden_size}"
-
-
-def _adapter_row(llm, adapter, flags):
-    own = check_adapter_files(llm, str(adapter), flags)
-    targets = own.targets if isinstance(own.targets, str) else ",".join(own.targets)
-    against = "matches the --lora-* flags; " if flags is not None else ""
-    return f"r {own.r}, alpha {own.alpha:g}, targets {targets}: {against}tensor shapes match"
-
-
-def _tokenizer_row(path, llm, rows):
-    """The tokenizer's ids must index into the embedding matrix: an id past its last row fails only
-    when a batch first holds that token, which may be hours in."""
-    tok = load_tokenizer(path)
-    vocab = tok.get_vocab_size()
-    if vocab > rows:
-        raise CheckpointError(f"{path}: vocabulary of {vocab} tokens is larger than the embedding matrix "
-                              f"({rows} rows): ids {rows}..{vocab - 1} would index past it")
-    ids = {"bos <s>": tok.token_to_id("<s>"), "eos </s>": tok.token_to_id("</s>"), "pad": llm.pad_token_id}
-    if ids["eos </s>"] is None:
-        raise CheckpointError(f"{path}: no '</s>' token (every training answer ends with it)")
-    bad = [f"{name} id {i}" for name, i in ids.items() if i is not None and not 0 <= i < rows]
-    if bad:
-        raise CheckpointError(f"{path}: {', '.join(bad)} outside the embedding matrix ({rows} rows)")
-    shown = ", ".join(f"{name} {i}" for name, i in ids.items())
-    return f"vocabulary {vocab} <= embedding rows {rows}; {shown}", tok
-
-
-def _image_size_row(vis, vision_file):
-    """The processor resizes to the tower's image_size (train.py and evaluate.py build it from the
-    tower's config); a config beside the weights that says otherwise means another preprocessing
-    than the one the tower was trained with, or a tower whose pos_embed was resized."""
-    processor = ImageProcessor(vis.image_size, vis.mean, vis.std)
-    bad = {f: s for f, s in vision_image_size(vision_file).items() if s != processor.size}
-    for f, s in bad.items():
-        raise CheckpointError(f"{f}: image_size {s} but the tower's pos_embed holds a {vis.grid}x{vis.grid} grid "
-                              f"of {vis.patch_size}-px patches ({processor.size} px)")
-    return f"processor {processor.size} px = {vis.grid} x {vis.patch_size}-px patches ({vis.grid ** 2 + 1} positions)"
-
-
-def preflight_model(pf, paths, vision_heads=None, lora_flags=None, tokenizer_flag="--tokenizer"):
-    """Checkpoint keys and shapes, tokenizer vs embedding, image size; paths: preflight_paths'.
-    lora_flags: the LoRA the run wraps the model with before loading --adapter (None: the adapter's
-    own). -> (LlamaConfig, VisionConfig, tokenizer), each None when its check failed."""
-    llm = vis = tok = None
-    if "--llm" in paths:
-        llm, rows = pf.check("llm checkpoint", lambda: _llm_row(paths["--llm"])) or (None, None)
-    else:
-        pf.skip("llm checkpoint", "no --llm path")
-    if "--vision" in paths:
-        vis, vision_file = pf.check("vision checkpoint", lambda: _vision_row(paths["--vision"], vision_heads)) \
-            or (None, None)
-    else:
-        pf.skip("vision checkpoint", "no --vision path")
-    parts = llm is not None and vis is not None
-    if "--projector" in paths:
-        if parts:
-            pf.check("projector", lambda: _projector_row(paths["--projector"], vis, llm))
-        else:
-            pf.skip("projector", "needs the llm and vision checks to pass")
-    if "--adapter" in paths:
-        if llm is not None:
-            pf.check("adapter", lambda: _adapter_row(llm, paths["--adapter"], lora_flags))
-        else:
-            pf.skip("adapter", "needs the llm check to pass")
-    tok_path = paths.get(tokenizer_flag, paths.get("--llm"))
-    if llm is not None and tok_path is not None:
-        tok = pf.check("tokenizer", lambda: _tokenizer_row(tok_path, llm, rows))
-    else:
-        pf.skip("tokenizer", "needs the llm check to pass")
-    if vis is not None:
-        pf.check("image size", lambda: _image_size_row(vis, vision_file))
-    else:
-        pf.skip("image size", "needs the vision check to pass")
-    return llm, vis, tok
-
-
-def decode_images(records, path):
-    """Decode every image fully, in threads (Pillow's decoders release the GIL): a truncated file
-    passes a header check and fails only when a batch reaches it."""
-    with ThreadPoolExecutor(min(32, os.cpu_count() or 1)) as pool:
-        errors = [e for e in pool.map(_decode_error, records) if e is not None]
-    if errors:
-        raise DataError(f"{path}: {errors[0]} ({len(errors)} of {len(records)} images fail to decode)")
-
-
-def _decode_error(record):
-    try:
-        load_image(record["image"], record["id"])
-    except DataError as e:
-        return str(e)
-    return None
-
-
-def group_counts(records, dataset):
-    """"race: white 12, black 8; age: ..." over the attributes the data set records."""
-    parts = []
-    for a in recorded_attributes(dataset):
-        counts = Counter(group_names(records, a))
-        parts.append(f"{a}: " + ", ".join(f"{k} {v}" for k, v in counts.most_common()))
-    return "; ".join(parts)
-
-
-def preflight_records(pf, name, path, dataset, image_root):
-    """A LLaVA JSON validated in full (fields, demographics, every image decoded) -> its records."""
-    def row():
-        records = read_llava_json(path, dataset, image_root)
-        decode_images(records, path)
-        return f"{len(records)} items valid, images decoded; {group_counts(records, dataset)}", records
-    return pf.check(name, row)
-
-
-def _nearest_existing(path):
-    p = Path(path).absolute()
-    while not p.exists() and p != p.parent:
-        p = p.parent
-    return p
-
-
-def preflight_out(pf, out, need_bytes=0, what=""):
-    """--out writable with room for need_bytes. The only write: a temp file, created and deleted in
-    --out (or in its nearest existing parent, where the run would create it)."""
-    def row():
-        folder = _nearest_existing(out)
-        if not folder.is_dir():
-            raise ValueError(f"--out {out}: {folder} is a file, not a folder")
-        try:
-            with tempfile.NamedTemporaryFile(dir=folder, prefix=".preflight-"):
-                pass
-        except OSError as e:
-            raise ValueError(f"--out {out}: cannot write in {folder} ({e.strerror})") from None
-        free = shutil.disk_usage(folder).free
-        if need_bytes > free:
-            raise ValueError(f"--out {out}: {free / GIB:.2f} GiB free in {folder}, {what} need {need_bytes / GIB:.2f} GiB")
-        where = "exists" if folder == Path(out).absolute() else f"will be created in {folder}"
-        room = f"; {what} need {need_bytes / GIB:.2f} GiB" if need_bytes else ""
-        return f"writable ({where}); {free / GIB:.1f} GiB free{room}"
-    pf.check("out folder", row)
+# --preflight: this evaluation's inputs, checked with preflight.py's table and rows
 
 
 def preflight(args):

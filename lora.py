@@ -51,7 +51,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import save_file
 
-from model import CheckpointError, Llama, check_state_dict, checkpoint_shapes, linear, load_tensors
+from model import check_state_dict, linear, load_tensors
 
 PEFT_PREFIX = "base_model.model."
 
@@ -351,26 +351,3 @@ def load_peft_adapter(model: nn.Module, adapter_dir: str) -> LoRAConfig:
     return cfg
 
 
-def _targets(t) -> list:
-    return [t] if isinstance(t, str) else sorted(t)
-
-
-def check_adapter_files(llm_cfg, adapter_dir: str, flags: LoRAConfig | None = None) -> LoRAConfig:
-    """load_peft_adapter's checks without loading a tensor: the adapter's config against `flags`
-    (training wraps the model with the flags' LoRA first, then loads the adapter into it; None: the
-    adapter's own settings are used, as evaluation does), then the adapter's tensor shapes against
-    a meta-device Llama of llm_cfg wrapped with those settings. -> the adapter's LoRAConfig."""
-    config_path = os.path.join(adapter_dir, "adapter_config.json")
-    own = _lora_config_of(_read_adapter_config(config_path), config_path)
-    if flags is not None:
-        diff = [f"{name} {a} vs the flags' {b}" for name, a, b in
-                (("r", own.r, flags.r), ("lora_alpha", own.alpha, flags.alpha),
-                 ("target_modules", _targets(own.targets), _targets(flags.targets))) if a != b]
-        if diff:
-            raise CheckpointError(f"{config_path}: " + "; ".join(diff))
-    with torch.device("meta"):
-        llm = Llama(llm_cfg)
-        apply_lora(llm, flags or own)
-    path = _adapter_weights(adapter_dir)
-    check_state_dict(lora_state_dict(llm), {_from_peft_key(k): v for k, v in checkpoint_shapes(path).items()}, path)
-    return own

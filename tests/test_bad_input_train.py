@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 import data
+import config
 import train
 from train_env import make_env, train_config
 
@@ -22,12 +23,12 @@ def env(tmp_path_factory):
     return make_env(tmp_path_factory.mktemp("bad_input"))
 
 
-def config(env, out, **kw):
+def run_config(env, out, **kw):
     return train_config(env, out, **{"max_steps": 2, **kw})
 
 
 def argv(env, out, *extra, **kw):
-    return train.to_argv(config(env, out, **kw)) + list(extra)
+    return config.to_argv(run_config(env, out, **kw)) + list(extra)
 
 
 def refusal(main, args, capsys):
@@ -144,8 +145,8 @@ def test_killed_run_resumes_exactly_with_each_step_logged_once(env, tmp_path):
     logs have each step once, and losses and final weights equal the uninterrupted run's bit for bit."""
     kw = dict(method="fairllava", max_steps=6, lora_dropout=0.1, grad_accum=2, save_every=2,
               monitor_json=str(env / "data" / "val.json"), monitor_every=1)
-    train.train(config(env, tmp_path / "full", **kw), quiet=True)
-    part = config(env, tmp_path / "part", stop_after=5, **kw)
+    train.train(run_config(env, tmp_path / "full", **kw), quiet=True)
+    part = run_config(env, tmp_path / "part", stop_after=5, **kw)
     train.train(part, quiet=True)
     with open(tmp_path / "part" / "log.jsonl", "a") as f:
         f.write('{"step": 6, "lo')  # the kill came in the middle of a write
@@ -220,7 +221,7 @@ def items_id(path, n):
 def test_truncated_image_mid_run_saves_the_steps_done(env, tmp_path, capsys):
     """The image is in the third batch: steps 1-2 are saved, the error names the file, and once
     the file is fixed --resume finishes the run."""
-    cfg = config(env, tmp_path / "run", max_steps=4)
+    cfg = run_config(env, tmp_path / "run", max_steps=4)
     order = train.epoch_batches(cfg, list(range(24)), train.Dist(), 0)
     victim = order[2][0]
     bad = tmp_path / "bad.png"

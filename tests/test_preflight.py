@@ -13,7 +13,8 @@ from safetensors.torch import load_file, save_file
 import evaluate
 import train
 from lora import LoRAConfig, apply_lora, save_peft_adapter
-from model import Llama, LlamaConfig, build_projector, read_safetensors_header
+from model import Llama, LlamaConfig, build_projector
+from preflight import read_safetensors_header
 from train_env import make_env
 
 
@@ -198,7 +199,7 @@ def test_sparse_and_truncated_safetensors(tmp_path):
 
 def test_sharded_bin_layout_is_checked_on_meta(tmp_path):
     """pytorch_model.bin.index.json + pickled shards: shapes read onto the meta device."""
-    from model import check_llama_files
+    from preflight import check_llama_files
     from test_model import random_llama, write_vicuna_bin_layout
     write_vicuna_bin_layout(random_llama(LlamaConfig.tiny()), tmp_path)
     cfg, sd = check_llama_files(tmp_path)

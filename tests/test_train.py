@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
+import config as cli
+import monitor
 import train
 from fairness import FairnessConfig
 from lora import LoRAConfig
@@ -64,8 +66,8 @@ def test_ddp_two_processes_equal_one(env, tmp_path):
     single = tmp_path / "single"
     train.train(config(env, single, max_steps=1, dump_grads=str(tmp_path / "single.pt")), quiet=True)
     cfg = config(env, tmp_path / "ddp", max_steps=2, batch_size=2, dump_grads=str(tmp_path / "ddp.pt"))
-    args = train.to_argv(cfg)
-    assert train.parse_args(args)[1] == cfg  # the command line gives back the same run
+    args = cli.to_argv(cfg)
+    assert cli.parse_args(args)[1] == cfg  # the command line gives back the same run
     env_vars = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
                         f"--master_port={free_port()}", str(ROOT / "train.py"), *args],
@@ -170,8 +172,8 @@ def test_monitor_logs_the_leak_and_leaves_training_untouched(env, tmp_path, monk
     kw = dict(method=method, max_steps=3, lora_dropout=0.1, batch_size=4, grad_accum=2)  # dropout draws from the RNG
     train.train(config(env, tmp_path / "plain", **kw), quiet=True)
     graphs = []
-    real_report = train.leak_report
-    monkeypatch.setattr(train, "leak_report", lambda h, *a: graphs.append(h.requires_grad) or real_report(h, *a))
+    real_report = monitor.leak_report
+    monkeypatch.setattr(monitor, "leak_report", lambda h, *a: graphs.append(h.requires_grad) or real_report(h, *a))
     train.train(config(env, tmp_path / "mon", monitor_json=str(env / "data" / "val.json"), monitor_every=1, **kw),
                 quiet=True)
     assert not (tmp_path / "plain" / "monitor.jsonl").exists()
@@ -254,7 +256,7 @@ def test_dry_run_counts(capsys):
     (["--lr", "nan"], "--lr")])
 def test_bad_flags_are_one_line_naming_the_flag(argv, flag, capsys):
     with pytest.raises(SystemExit) as e:
-        train.parse_args(argv)
+        cli.parse_args(argv)
     assert e.value.code == 2
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last.startswith("train.py: error:") or "error:" in last
@@ -262,17 +264,17 @@ def test_bad_flags_are_one_line_naming_the_flag(argv, flag, capsys):
 
 
 def test_flags_fill_the_nested_configs_once():
-    _, cfg = train.parse_args(["--lambdas", "race=1", "--lora-r", "8", "--layer", "16", "--h-norm", "batch"])
+    _, cfg = cli.parse_args(["--lambdas", "race=1", "--lora-r", "8", "--layer", "16", "--h-norm", "batch"])
     assert cfg.fair.lambdas == {**FairnessConfig().lambdas, "race": 1.0}  # the others keep their default
     assert cfg.fair.layer == 16 and cfg.fair.h_norm == "batch" and cfg.lora.r == 8
-    assert train.parse_args(train.to_argv(cfg))[1] == cfg
-    assert train.parse_args([])[1] == train.TrainConfig()  # the defaults are the official recipe
+    assert cli.parse_args(cli.to_argv(cfg))[1] == cfg
+    assert cli.parse_args([])[1] == train.TrainConfig()  # the defaults are the official recipe
 
 
 def test_to_argv_of_a_config_read_back_from_config_json():
     # config.json holds tuples as JSON lists: the flags built from it must still give the same run
-    _, cfg = train.parse_args(["--balance-on", "race", "age", "--attributes", "race", "gender"])
+    _, cfg = cli.parse_args(["--balance-on", "race", "age", "--attributes", "race", "gender"])
     saved = json.loads(json.dumps(asdict(cfg)))
     fair, lora = FairnessConfig(**saved.pop("fair")), LoRAConfig(**saved.pop("lora"))
     back = train.TrainConfig(**saved, fair=fair, lora=lora)
-    assert train.parse_args(train.to_argv(back))[1] == cfg
+    assert cli.parse_args(cli.to_argv(back))[1] == cfg
