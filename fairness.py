@@ -401,15 +401,24 @@ class FairnessRegularizer(nn.Module):
         params = {name: p.detach() for name, p in self.dac.named_parameters()}
         return functional_call(self.dac, params, (h,))
 
-    def dim_loss(self, h, attrs, valid=None):
-        """L_DIM = sum_a lambda_a * penalty(CLUB_a(h)) with phi frozen: gradients reach h only."""
+    def dim_terms(self, h, attrs, valid=None):
+        """L_DIM^a = penalty(CLUB_a(h)) per attribute, phi frozen -> ({a: L_DIM^a}, {"club/<a>"}):
+        gradients reach h only. train.py weights them by lambda_a where it writes L_total."""
         ys = self.labels(attrs, h.shape[0], h.device, valid)
         logits = self.frozen_logits(normalize_h(h, self.cfg.h_norm, valid))
-        total, stats = 0.0, {}
+        terms, stats = {}, {}
         for a in self.cfg.attributes:
             c = club(logits[a], ys[a], self.cfg.negatives)
             stats[f"club/{a}"] = c.detach()
-            total = total + self.cfg.lambdas[a] * dim_penalty(c, self.cfg.smooth_abs, self.cfg.smooth_eps)
+            terms[a] = dim_penalty(c, self.cfg.smooth_abs, self.cfg.smooth_eps)
+        return terms, stats
+
+    def dim_loss(self, h, attrs, valid=None):
+        """L_DIM = sum_a lambda_a * penalty(CLUB_a(h)) with phi frozen: gradients reach h only."""
+        terms, stats = self.dim_terms(h, attrs, valid)
+        total = 0.0
+        for a, term in terms.items():
+            total = total + self.cfg.lambdas[a] * term
         stats["dim_loss"] = total.detach()
         return total, stats
 
@@ -424,6 +433,13 @@ class FairnessRegularizer(nn.Module):
         phi on the batch). The DAC stats are those of the first evaluation, i.e. of phi before
         it saw this batch. Under gradient accumulation phi is stepped once per micro-batch.
         """
+        stats = self._fit_phi(h, attrs, dac_optimizer, valid)
+        self.remember(h, attrs, valid)
+        l_dim, dim_stats = self.dim_loss(h, attrs, valid)
+        return l_dim, {**stats, **dim_stats}
+
+    def _fit_phi(self, h, attrs, dac_optimizer, valid=None):
+        """cfg.dac_steps steps of dac_optimizer on lambda1 L_DAC(sg(h)) -> the stats of the first."""
         seen = []
 
         def closure():
@@ -436,9 +452,21 @@ class FairnessRegularizer(nn.Module):
 
         for _ in range(self.cfg.dac_steps):
             dac_optimizer.step(closure)
+        return seen[0]
+
+    def phi_step(self, h, attrs, dac_optimizer=None, valid=None):
+        """Algorithm 1's step (1) as cfg.protocol says -> (the L_DAC still to be minimised, stats).
+        alternating (paper): phi takes its own optimizer step(s) on lambda1 L_DAC(sg(h)) now (as in
+        alternating_step) and nothing is left (0.0); single_step (official code): L_DAC(sg(h)),
+        which the caller adds to L_total. Either way this batch's sg(h) then joins phi's memory."""
+        if self.cfg.protocol == "alternating":
+            if dac_optimizer is None:
+                raise ValueError("protocol='alternating' needs a dac_optimizer over FairnessRegularizer.parameters()")
+            l_dac, stats = 0.0, self._fit_phi(h, attrs, dac_optimizer, valid)
+        else:
+            l_dac, stats = self.dac_loss(h, attrs, valid)
         self.remember(h, attrs, valid)
-        l_dim, dim_stats = self.dim_loss(h, attrs, valid)
-        return l_dim, {**seen[0], **dim_stats}
+        return l_dac, stats
 
     @torch.no_grad()
     def remember(self, h, attrs, valid=None):

@@ -209,6 +209,16 @@ class Run:
     total: int
     monitor: Monitor | None
 
+    @property
+    def autocast(self):
+        """bf16 autocast on GPUs (the official recipe); CPUs always run fp32."""
+        return self.d.device.startswith("cuda") and self.cfg.dtype == "bf16"
+
+    def accumulating(self, skip_sync):
+        """DDP's no_sync for the micro-batches before the last of a step: gradients accumulate
+        locally and are averaged over ranks once, in the last one's backward."""
+        return self.net.no_sync() if (self.d.world > 1 and skip_sync) else contextlib.nullcontext()
+
     def set_lr(self, step):
         """One schedule for every learning rate, phi's included (as in the official run, where phi
         sits in the main optimizer); a function of the step alone, so resuming needs no state for it."""
@@ -276,11 +286,11 @@ def train(cfg, d=None, quiet=False, progress=None, overwrite=False, strict_text=
 
 
 def train_steps(run, step, log, quiet, progress):
-    """The optimizer steps from `step` on -> True at the end of training, False after --stop-after.
-    An item that fails to load mid-run (a truncated image) ends training with a checkpoint of the
-    steps done and one line naming the item."""
-    cfg, d, out = run.cfg, run.d, Path(run.cfg.out)
-    bar = tqdm(total=run.total, initial=step, disable=not d.master or quiet, desc=f"stage {cfg.stage} {cfg.method}")
+    """The training loop: optimizer steps from `step` on -> True at the end of training, False after
+    --stop-after. An item that fails to load mid-run (a truncated image) ends training with a
+    checkpoint of the steps done and one line naming the item."""
+    cfg, out = run.cfg, Path(run.cfg.out)
+    bar = tqdm(total=run.total, initial=step, disable=not run.d.master or quiet, desc=f"stage {cfg.stage} {cfg.method}")
     if run.monitor is not None and step == 0:
         run.monitor.log(0, run.model, run.fair)
     run.model.train()
@@ -288,38 +298,115 @@ def train_steps(run, step, log, quiet, progress):
     try:
         for micro in micro_batches(run, step):
             run.set_lr(step)
-            lr_now = run.opt.param_groups[0]["lr"]
-            loss_sum, stats = forward_backward(run, micro, step)
-            skipped = not optimizer_step(run, loss_sum, stats, step)
-            bad_steps = bad_steps + 1 if skipped else 0
+            lr = run.opt.param_groups[0]["lr"]
+            loss, stats, stepped = train_step(run, micro, step)
+            bad_steps = 0 if stepped else bad_steps + 1
             if bad_steps >= cfg.max_bad_steps:
                 raise FloatingPointError(f"{bad_steps} non-finite losses in a row: stopping "
                                          f"(last good checkpoint: {out / 'checkpoint.pt'})")
             step += 1
-            all_reduce_mean_([loss_sum], d)
-            if d.master:
-                rec = {"step": step, "loss": loss_sum.item(), "lr": lr_now, "skipped": skipped, **stats}
-                log.write(json.dumps(rec) + "\n")
-                log.flush()
-                bar.update(1)
-                if step % cfg.log_every == 0 or step == run.total:
-                    bar.set_postfix(loss=f"{rec['loss']:.3f}", lr=f"{lr_now:.2e}")
-                    if progress is not None:
-                        progress(step, run.total, rec)
+            log_step(run, log, bar, progress, {"step": step, "loss": loss, "lr": lr, "skipped": not stepped, **stats})
             if run.monitor is not None and (step % cfg.monitor_every == 0 or step == run.total):
                 run.monitor.log(step, run.model, run.fair)
             if step % cfg.save_every == 0 or step == run.total:
-                save_checkpoint(out / "checkpoint.pt", cfg, run.model, run.fair, run.opt, run.dac_opt, step, d)
+                save_checkpoint(out / "checkpoint.pt", cfg, run.model, run.fair, run.opt, run.dac_opt, step, run.d)
                 saved = step
             if cfg.stop_after and step >= cfg.stop_after:
-                if d.master:
-                    print(f"stopping after step {step} (--stop-after)", file=sys.stderr)
-                return False
+                return stop_after(run, step)
     except data.DataError as e:
         raise data.DataError(bad_item_stop(run, e, step, saved)) from None
     finally:
         bar.close()
     return True
+
+
+def train_step(run, micro, step):
+    """One optimizer step of FairLLaVA (Algorithm 1) over the step's --grad-accum micro-batches
+    -> (the step's loss, stats for the log, whether the step was taken). The baselines have no phi:
+    steps (2)-(4) are skipped and L_total is lambda3 L_LM.
+
+    Scales: L_LM is the token mean of the whole step, so each micro-batch adds its token losses
+    divided by n_tok, the supervised tokens of the step over all micro-batches and ranks; the
+    gradient then does not depend on how a batch is split over GPUs and accumulation steps (DDP
+    averages gradients over ranks, hence x world). L_DAC and L_DIM are means within each micro-batch
+    (CLUB is estimated within the micro-batch, as in the official code), hence / grad_accum."""
+    cfg, d, fair = run.cfg, run.d, run.fair
+    n_tok = sum(supervised_weight(b["labels"], b.get("sample_weight")) for b in micro).to(d.device)
+    all_reduce_mean_([n_tok], d)
+    n_tok = n_tok * d.world
+    loss_sum, stats = torch.zeros((), device=d.device), {}
+    for k, b in enumerate(micro):
+        ids, mask, labels, px = (b[key].to(d.device) for key in ("input_ids", "attention_mask", "labels", "pixel_values"))
+        sw = b["sample_weight"].to(d.device) if "sample_weight" in b else None  # the reweighting baseline
+        with run.accumulating(k < len(micro) - 1):  # under DDP, gradients are synced on the last micro-batch
+            # (1) one forward pass of the backbone: the LM loss, and the hidden states h is read from
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=run.autocast):
+                out = run.net(ids, px, mask, labels, return_hidden=fair is not None, sample_weight=sw, normalizer=n_tok)
+            l_lm, l_dac, l_dim, mstats = out.loss * d.world, 0.0, {}, {}
+            if fair is not None:
+                attrs = {a: b["attrs"][a].to(d.device) for a in cfg.fair.attributes}
+                # (2) h(x): the pooled hidden state (--layer mid, --tokens image: layer 16's image tokens)
+                h, valid = fair.pool(out.hidden, image_mask=out.image_mask, attention_mask=out.attention_mask,
+                                     labels=out.labels)  # samples with no pooled token are left out below
+                # (3) phi learns to read the attributes from sg(h): L_DAC reaches phi only. Paper
+                #     (--protocol alternating): phi takes its own optimizer step now and is frozen from
+                #     here on, so no L_DAC is left for L_total; official code (single_step): L_DAC joins
+                #     L_total, and the one optimizer step below updates phi with everything else.
+                l_dac, mstats = fair.phi_step(h, attrs, run.dac_opt, valid)
+                # (4) L_DIM^a = penalty(CLUB_a(h)) with phi frozen: gradients reach h (LoRA, projector) only
+                l_dim, dim_stats = fair.dim_terms(h, attrs, valid)
+                mstats.update(dim_stats)
+            # (5) L_total = lambda1 L_DAC + sum_a lambda_a L_DIM^a + lambda3 L_LM (paper, "Loss & Training")
+            dim = sum(cfg.fair.lambdas[a] * l_dim[a] for a in l_dim)
+            loss = (cfg.fair.dac_weight * l_dac + dim) / cfg.grad_accum + cfg.lm_weight * l_lm
+            loss.backward()
+        loss_sum += loss.detach()
+        # this micro-batch's mean token loss, for the log: the same sum over its own token count
+        mstats = {"lm_loss": l_lm.detach() * n_tok / (d.world * supervised_weight(out.labels, sw).clamp_min(1e-8)),
+                  **mstats, **({"dim_loss": dim.detach()} if fair is not None else {})}
+        for key, v in mstats.items():
+            stats[key] = stats.get(key, 0.0) + float(v) / cfg.grad_accum
+    if cfg.dump_grads and step == 0 and d.master:  # debug/test hook: the first step's gradients
+        atomic_save({n: p.grad.detach().clone() for n, p in run.model.named_parameters() if p.grad is not None},
+                    cfg.dump_grads)
+    if fair is not None and run.dac_opt is None:  # single-step phi is outside DDP: averaged by hand
+        all_reduce_mean_([p.grad for p in fair.parameters() if p.grad is not None], d)
+    # (6) clip and step, or, if some rank saw inf / nan, skip the step on every rank
+    finite = torch.isfinite(loss_sum).float()
+    all_reduce_mean_([finite], d)
+    if finite.item() < 1.0:
+        run.opt.zero_grad(set_to_none=True)
+        if d.master:
+            print(f"step {step}: non-finite loss ({loss_sum.item()}), step skipped", file=sys.stderr)
+        all_reduce_mean_([loss_sum], d)
+        return loss_sum.item(), stats, False
+    if cfg.grad_clip > 0:
+        params = [p for g in run.opt.param_groups for p in g["params"]]
+        stats["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip))
+    run.opt.step()
+    run.opt.zero_grad(set_to_none=True)
+    all_reduce_mean_([loss_sum], d)
+    return loss_sum.item(), stats, True
+
+
+def log_step(run, log, bar, progress, rec):
+    """One line of log.jsonl per optimizer step; the progress bar (or the demo's progress line)
+    every --log-every steps."""
+    if not run.d.master:
+        return
+    log.write(json.dumps(rec) + "\n")
+    log.flush()
+    bar.update(1)
+    if rec["step"] % run.cfg.log_every == 0 or rec["step"] == run.total:
+        bar.set_postfix(loss=f"{rec['loss']:.3f}", lr=f"{rec['lr']:.2e}")
+        if progress is not None:
+            progress(rec["step"], run.total, rec)
+
+
+def stop_after(run, step):
+    if run.d.master:
+        print(f"stopping after step {step} (--stop-after)", file=sys.stderr)
+    return False
 
 
 def micro_batches(run, step):
@@ -350,77 +437,6 @@ def micro_batches(run, step):
             step += 1
 
 
-def forward_backward(run, micro, step):
-    """Forward and backward of every micro-batch of one optimizer step -> (the step's loss, stats).
-    The LM loss of the step is (sum of token losses) / (supervised tokens of the whole step, all
-    ranks): per micro-batch, its share of that sum. DDP averages gradients over ranks, so each
-    share is multiplied by the world size to get the sum back."""
-    cfg, d = run.cfg, run.d
-    n_tok = sum(supervised_weight(b["labels"], b.get("sample_weight")) for b in micro).to(d.device)
-    all_reduce_mean_([n_tok], d)
-    n_tok = n_tok * d.world
-    use_autocast = d.device.startswith("cuda") and cfg.dtype == "bf16"
-    loss_sum, stats = torch.zeros((), device=d.device), {}
-    for k, b in enumerate(micro):
-        last = k == len(micro) - 1
-        with run.net.no_sync() if (d.world > 1 and not last) else contextlib.nullcontext():
-            loss, mstats = micro_step(cfg, run.net, run.fair, run.dac_opt, b, d, use_autocast, n_tok)
-            loss.backward()
-        loss_sum += loss.detach()
-        for key, v in mstats.items():
-            stats[key] = stats.get(key, 0.0) + float(v) / cfg.grad_accum
-    if cfg.dump_grads and step == 0 and d.master:  # debug/test hook: the first step's gradients
-        atomic_save({n: p.grad.detach().clone() for n, p in run.model.named_parameters() if p.grad is not None},
-                    cfg.dump_grads)
-    if run.fair is not None and run.dac_opt is None:  # single-step phi is outside DDP: average by hand
-        all_reduce_mean_([p.grad for p in run.fair.parameters() if p.grad is not None], d)
-    return loss_sum, stats
-
-
-def optimizer_step(run, loss_sum, stats, step):
-    """Clip and step, or, if some rank saw inf/nan, skip the step on every rank. True if stepped."""
-    finite = torch.isfinite(loss_sum).float()
-    all_reduce_mean_([finite], run.d)
-    if finite.item() < 1.0:
-        run.opt.zero_grad(set_to_none=True)
-        if run.d.master:
-            print(f"step {step}: non-finite loss ({loss_sum.item()}), step skipped", file=sys.stderr)
-        return False
-    if run.cfg.grad_clip > 0:
-        params = [p for g in run.opt.param_groups for p in g["params"]]
-        stats["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, run.cfg.grad_clip))
-    run.opt.step()
-    run.opt.zero_grad(set_to_none=True)
-    return True
-
-
-def micro_step(cfg, net, fair, dac_opt, b, d, use_autocast, n_tok):
-    """One forward of the backbone -> this micro-batch's part of the step's loss, plus stats:
-
-        L_total = lambda1 L_DAC + lambda2 L_DIM + lambda3 L_LM        (paper, "Loss & Training")
-
-    lambda3 = --lm-weight on L_LM; lambda2 is per attribute (--lambdas) inside L_DIM; lambda1 =
-    --dac-weight on L_DAC, which reaches phi only (in the alternating protocol phi is stepped inside
-    `fair` and L_DIM is returned with phi frozen). One forward serves both terms; like the official
-    code, CLUB is estimated within the micro-batch."""
-    dev = d.device
-    ids, mask, labels = b["input_ids"].to(dev), b["attention_mask"].to(dev), b["labels"].to(dev)
-    px = b["pixel_values"].to(dev)
-    sw = b["sample_weight"].to(dev) if "sample_weight" in b else None  # reweighting baseline
-    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_autocast):
-        out = net(ids, px, mask, labels, return_hidden=fair is not None, sample_weight=sw, normalizer=n_tok)
-    lm = out.loss * d.world
-    loss = cfg.lm_weight * lm
-    # this micro-batch's mean token loss, for the log: the same sum over its own token count
-    stats = {"lm_loss": lm.detach() * n_tok / (d.world * supervised_weight(out.labels, sw).clamp_min(1e-8))}
-    if fair is not None:
-        attrs = {a: b["attrs"][a].to(dev) for a in cfg.fair.attributes}
-        h, valid = fair.pool(out.hidden, image_mask=out.image_mask, attention_mask=out.attention_mask,
-                             labels=out.labels)
-        reg, fstats = fair(h, attrs, dac_opt, valid=valid)  # samples with no pooled token are left out
-        loss = loss + reg / cfg.grad_accum
-        stats.update(fstats)
-    return loss, stats
 
 
 def main(argv=None):

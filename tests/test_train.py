@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import config as cli
+import model as model_module
 import monitor
 import train
 from fairness import FairnessConfig
@@ -189,20 +190,27 @@ def test_monitor_logs_the_leak_and_leaves_training_untouched(env, tmp_path, monk
 
 
 def test_nonfinite_loss_skips_then_stops(env, tmp_path, monkeypatch):
-    real = train.micro_step
+    real = model_module.LlavaModel.forward
     calls = {"n": 0}
 
-    def flaky(*a, **k):
-        loss, stats = real(*a, **k)
+    def flaky(self, *a, **k):
+        out = real(self, *a, **k)
         calls["n"] += 1
-        return (loss * float("nan") if calls["n"] == 2 else loss), stats
+        out.loss = out.loss * float("nan") if calls["n"] == 2 else out.loss
+        return out
 
-    monkeypatch.setattr(train, "micro_step", flaky)
+    monkeypatch.setattr(model_module.LlavaModel, "forward", flaky)
     model, _ = train.train(config(env, tmp_path / "nan", max_steps=3), quiet=True)
     lines = log(tmp_path / "nan")
     assert [x["skipped"] for x in lines] == [False, True, False]
     assert all(torch.isfinite(p).all() for p in model.parameters())
-    monkeypatch.setattr(train, "micro_step", lambda *a, **k: (real(*a, **k)[0] * float("inf"), {}))
+
+    def always_inf(self, *a, **k):
+        out = real(self, *a, **k)
+        out.loss = out.loss * float("inf")
+        return out
+
+    monkeypatch.setattr(model_module.LlavaModel, "forward", always_inf)
     with pytest.raises(FloatingPointError, match="non-finite losses in a row"):
         train.train(config(env, tmp_path / "inf", max_steps=5, max_bad_steps=2), quiet=True)
 
