@@ -21,9 +21,7 @@ from lora import LoRAConfig
 METHODS = ("lora", "resample", "reweight", "fairllava")
 
 
-
 DTYPES = ("bf16", "fp32")
-
 
 
 def _f(default, help, **kw):
@@ -31,7 +29,6 @@ def _f(default, help, **kw):
     if isinstance(default, (tuple, dict, list)) or callable(default):
         return field(default_factory=default if callable(default) else (lambda: default), metadata=dict(help=help), **kw)
     return field(default=default, metadata=dict(help=help), **kw)
-
 
 
 @dataclass
@@ -45,7 +42,7 @@ class TrainConfig:
     projector: str = _f("", "stage-1 mm_projector.bin to start stage 2 from")
     adapter: str = _f("", "a PEFT adapter folder to start stage 2 from (e.g. LLaVA-Rad's)")
     # data
-    train_json: str = _f("", "LLaVA-style training JSON")
+    train_json: str = _f("", "LLaVA-style training JSON (required)")
     image_root: str = _f("", "folder the JSON's image paths are relative to (default: the JSON's)")
     dataset: str = _f("mimic", "format of --train-json and --monitor-json (ham: HAM10000)")
     max_length: int = _f(2048, "max text tokens per sample")
@@ -73,7 +70,7 @@ class TrainConfig:
     # bookkeeping
     out: str = _f("runs/fairllava", "output folder")
     resume: bool = _f(False, "continue from --out/checkpoint.pt, with the same flags (only bookkeeping flags "
-                              "may change: see RESUMABLE in train.py)")
+                              "may change: see RESUMABLE in train_io.py)")
     save_every: int = _f(500, "checkpoint every N steps")
     log_every: int = _f(10, "progress every N steps")
     max_bad_steps: int = _f(10, "stop after N non-finite losses in a row")
@@ -107,15 +104,27 @@ class TrainConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be a finite number > 0, got {getattr(self, name)}")
 
 
-
 # Flags of the nested configs: --NAME for FairnessConfig.NAME, --lora-NAME for LoRAConfig.NAME.
 NESTED = {"fair": ("", FairnessConfig), "lora": ("lora-", LoRAConfig)}
-
 
 
 LORA_HELP = {"r": "LoRA rank", "alpha": "LoRA alpha (update scale alpha / r)", "dropout": "dropout on the LoRA path"}
 
 
+# --help in groups: each flag of TrainConfig (nested ones as "fair.NAME" / "lora.NAME") in one.
+GROUPS = {
+    "model": ("llm", "vision", "vision_heads", "tokenizer", "projector", "adapter"),
+    "data": ("train_json", "image_root", "dataset", "max_length", "balance_on"),
+    "optimisation": ("stage", "method", "lm_weight", "lr", "dac_lr", "weight_decay", "warmup_ratio", "epochs",
+                     "max_steps", "batch_size", "grad_accum", "grad_clip", "dtype", "grad_checkpointing", "seed",
+                     "num_workers"),
+    "LoRA": ("lora",),
+    "fairness (FairLLaVA's regulariser)": ("fair",),
+    "run and checkpoint": ("out", "resume", "save_every", "log_every", "max_bad_steps", "monitor_json",
+                           "monitor_every", "monitor_n"),
+    "debug": ("overfit_one_batch", "stop_after", "dump_grads"),
+}
+GROUP_OF = {name: title for title, names in GROUPS.items() for name in names}
 
 # Flags that take one of a fixed set of names (argparse lists them in --help and refuses others).
 CHOICES = {"stage": (1, 2), "dataset": tuple(sorted(data.DATASETS)), "method": METHODS, "dtype": DTYPES,
@@ -124,24 +133,10 @@ CHOICES = {"stage": (1, 2), "dataset": tuple(sorted(data.DATASETS)), "method": M
            "fair.protocol": PROTOCOLS, "fair.h_norm": H_NORMS}
 
 
-
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Each flag's default in --help, unless its text already says it or there is none to show
-    (an empty path would print "(default: )", a plain switch "(default: False)")."""
-
-    def _get_help_string(self, action):
-        switch = action.nargs == 0 and not isinstance(action, argparse.BooleanOptionalAction)
-        if "default:" in (action.help or "") or action.default in ("", None) or switch:
-            return action.help
-        return super()._get_help_string(action)
-
-
-
 def _add_flag(p, flag, default, help, dest):
     if not isinstance(default, bool):
         return _add_valued_flag(p, flag, default, help, dest, CHOICES.get(dest))
     p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help, dest=dest)
-
 
 
 def _add_valued_flag(p, flag, default, help, dest, choices):
@@ -159,34 +154,39 @@ def _add_valued_flag(p, flag, default, help, dest, choices):
                        choices=choices)
 
 
-
 def parse_args(argv=None):
     """Flags -> (args, TrainConfig). A bad value is one line naming the flag, exit code 2. args
     holds what is not a setting of the run (so not in TrainConfig nor config.json): --dry-run,
     --overwrite, --strict-text, --preflight, --world-size."""
-    p = data.OneLineParser(prog="train.py", description=__doc__.split("\n")[0], formatter_class=_HelpFormatter)
-    p.add_argument("--dry-run", action="store_true", help="build the 7B model on the meta device; print counts and memory")
-    p.add_argument("--overwrite", action="store_true",
-                   help="clear a non-empty --out (the files train.py writes) before a fresh run; without it, "
-                        "a non-empty --out is refused unless --resume")
-    p.add_argument("--preflight", action="store_true",
-                   help="check in seconds, with the run's other flags, that it would start: paths, checkpoint keys "
-                        "and shapes (from file headers), tokenizer vs embedding, image size, the training JSON with "
-                        "every image decoded, batches per rank, --out writable with room, GPU memory; one table, "
-                        "exit 0 if the run would start, else one line per problem and exit 2")
-    p.add_argument("--world-size", type=int, default=0, metavar="N",
-                   help="--preflight: the number of processes to check the batches for (default: $WORLD_SIZE, else 1)")
-    p.add_argument("--strict-text", action="store_true",
-                   help="refuse training text with characters the tokenizer lacks (<unk>) or longer than "
-                        "--max-length, naming the first such record; without it they are counted in one line")
+    p = data.OneLineParser(prog="train.py", formatter_class=data.HelpFormatter,
+                           description="Two-stage FairLLaVA training, on one CPU or with torchrun on 8 GPUs.")
+    groups = {title: p.add_argument_group(title) for title in GROUPS}
+    run = groups["run and checkpoint"]
+    run.add_argument("--overwrite", action="store_true",
+                     help="clear a non-empty --out (the files train.py writes) before a fresh run; without it, "
+                          "a non-empty --out is refused unless --resume")
+    run.add_argument("--preflight", action="store_true",
+                     help="check in seconds, with the run's other flags, that it would start: paths, checkpoint keys "
+                          "and shapes (from file headers), tokenizer vs embedding, image size, the training JSON with "
+                          "every image decoded, batches per rank, --out writable with room, GPU memory; one table, "
+                          "exit 0 if the run would start, else one line per problem and exit 2")
+    run.add_argument("--world-size", type=int, default=0, metavar="N",
+                     help="--preflight: the number of processes to check the batches for (default: $WORLD_SIZE, else 1)")
+    run.add_argument("--dry-run", action="store_true",
+                     help="build the 7B model on the meta device; print counts and memory")
+    groups["data"].add_argument("--strict-text", action="store_true",
+                                help="refuse training text with characters the tokenizer lacks (<unk>) or longer than "
+                                     "--max-length, naming the first such record; without it they are counted in one line")
     top = [f for f in fields(TrainConfig) if f.name not in NESTED]
     for f in top:
-        _add_flag(p, "--" + f.name.replace("_", "-"), getattr(TrainConfig(), f.name), f.metadata["help"], f.name)
+        _add_flag(groups[GROUP_OF[f.name]], "--" + f.name.replace("_", "-"), getattr(TrainConfig(), f.name),
+                  f.metadata["help"], f.name)
     for key, (prefix, cls) in NESTED.items():
         for f in fields(cls):
             help = f.metadata.get("help") if key == "fair" else LORA_HELP.get(f.name)
             if help:
-                _add_flag(p, "--" + prefix + f.name.replace("_", "-"), getattr(cls(), f.name), help, f"{key}.{f.name}")
+                _add_flag(groups[GROUP_OF[key]], "--" + prefix + f.name.replace("_", "-"), getattr(cls(), f.name), help,
+                          f"{key}.{f.name}")
     a = vars(p.parse_args(argv))
     try:
         nested = {}
@@ -209,7 +209,6 @@ def parse_args(argv=None):
         p.error(f"--world-size must be >= 0, got {a['world_size']}")
     return argparse.Namespace(dry_run=a["dry_run"], overwrite=a["overwrite"], strict_text=a["strict_text"],
                               preflight=a["preflight"], world_size=a["world_size"]), cfg
-
 
 
 def to_argv(cfg):

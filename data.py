@@ -165,6 +165,19 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """--help with each flag's default, unless its text already says it or it is a plain switch;
+    an empty default shows as "not set". Description and epilog are printed as written."""
+
+    def _get_help_string(self, action):
+        switch = action.nargs == 0 and not isinstance(action, argparse.BooleanOptionalAction)
+        if "default:" in (action.help or "") or switch or action.required or action.help == argparse.SUPPRESS:
+            return action.help
+        if action.default in ("", None):
+            return f"{action.help} (default: not set)"
+        return super()._get_help_string(action)
+
+
 def read_json(path, what="JSON"):
     """Parse a JSON file; a bad file is a DataError naming it (and the line and column of the
     problem), never a bare JSONDecodeError. `what` says what the file should hold."""

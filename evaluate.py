@@ -51,7 +51,7 @@ import torch
 from tqdm import tqdm
 
 import metrics
-from data import (ATTRIBUTES, DATASETS, UNKNOWN, ImageProcessor, OneLineParser, ReportDataset, clip, collate,
+from data import (ATTRIBUTES, DATASETS, UNKNOWN, HelpFormatter, ImageProcessor, OneLineParser, ReportDataset, clip, collate,
                   conversation_prompt, group_names, load_image, load_tokenizer, one_line, read_llava_json,
                   recorded_attributes, tokenize_with_image, tokenizer_file)
 from fairness import FairnessConfig, fit_linear_probe, pool_hidden, token_mask
@@ -715,48 +715,54 @@ MODEL_FLAGS = ("llm", "vision", "projector", "adapter", "tokenizer", "random_pro
 
 def parse_args(argv=None):
     ap = OneLineParser(prog="evaluate.py", description="Generate reports and score them overall and per demographic group.",
-                 epilog=_records_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--test-json", required=True, help="test set, LLaVA JSON with demographics (keys below)")
-    ap.add_argument("--dataset", default="mimic", choices=sorted(HEADLINE), help="format and metrics of the test set")
-    ap.add_argument("--image-root", default=None, help="folder the image paths are relative to (default: the JSON's)")
-    ap.add_argument("--out", required=True, help="output folder: predictions.jsonl, results.json/.md, groups.png")
-    ap.add_argument("--predictions", default=None, help="score this JSONL file instead of running a model (keys below)")
-    ap.add_argument("--llm", help="language model folder or hub id (HF Llama layout)")
-    ap.add_argument("--vision", help="vision tower: open_clip checkpoint file or folder")
-    ap.add_argument("--vision-heads", type=_int_at_least(0), default=0, help="vision attention heads (0: width / 64)")
-    ap.add_argument("--projector", help="mm_projector.bin (or LLaVA-Rad's non_lora_trainables.bin); default: the "
-                                        "one in the --adapter folder or beside it (train.py's layout)")
-    ap.add_argument("--random-projector", action="store_true",
-                    help="run with an untrained, random projector on purpose (smoke tests: the reports are noise)")
-    ap.add_argument("--adapter", default=None, help="PEFT LoRA adapter folder, merged into the LLM")
-    ap.add_argument("--tokenizer", default=None, help="tokenizer.json or tokenizer.model (SentencePiece), or their folder (default: the --llm folder)")
-    ap.add_argument("--overwrite", action="store_true",
-                    help="discard the predictions and results already in --out and start afresh")
-    ap.add_argument("--batch-size", type=_int_at_least(1), default=16, help="reports generated per batch")
-    ap.add_argument("--max-new-tokens", type=_int_at_least(1), default=256,
-                    help="generation length limit (official: 256)")
-    ap.add_argument("--ids", default=None, help="file of record ids, one per line: evaluate only these records")
-    ap.add_argument("--limit", type=_int_at_least(1), default=None,
-                    help="evaluate only the first N test records (after --ids; default: all)")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
-    ap.add_argument("--dtype", default="bf16", choices=("bf16", "fp32"), help="weights dtype on GPU (CPU: fp32)")
-    ap.add_argument("--attributes", nargs="+", default=None, choices=tuple(ATTRIBUTES),
-                    help="attributes to score (default: those the data set records)")
-    ap.add_argument("--min-group-size", type=_int_at_least(1), default=30,
-                    help="smaller groups are flagged, left out of the gap")
-    ap.add_argument("--m-all", default="whole_set", choices=("whole_set", "group_mean"),
-                    help="ES numerator: whole-set score (paper) or mean of group scores (official script)")
-    ap.add_argument("--n-resamples", type=_int_at_least(0), default=200,
-                    help="bootstrap resamples for intervals (0: none)")
-    ap.add_argument("--seed", type=int, default=0, help="bootstrap seed")
-    ap.add_argument("--probe-train-json", default=None,
-                    help="also fit a linear attribute probe on h, trained on this JSON (model mode only)")
-    ap.add_argument("--probe-max-train", type=_int_at_least(1), default=1000, help="training records for the probe")
-    ap.add_argument("--title", default="", help="title of the table and the chart")
-    ap.add_argument("--preflight", action="store_true",
-                    help="check every input in seconds (paths, checkpoint keys and shapes from their headers, "
-                         "tokenizer vs embedding, image size, the test JSON with its images decoded, group sizes, "
-                         "--out writable) and print one table; exit 0 if the run would start, else 2")
+                       epilog=_records_help(), formatter_class=HelpFormatter)
+    g_data = ap.add_argument_group("data")
+    g_model = ap.add_argument_group("model (omit with --predictions)")
+    g_gen = ap.add_argument_group("generation")
+    g_score = ap.add_argument_group("scoring")
+    g_run = ap.add_argument_group("run and output")
+    g_data.add_argument("--test-json", required=True, help="test set, LLaVA JSON with demographics (keys below)")
+    g_data.add_argument("--dataset", default="mimic", choices=sorted(HEADLINE), help="format and metrics of the test set")
+    g_data.add_argument("--image-root", default=None, help="folder the image paths are relative to (default: the JSON's)")
+    g_data.add_argument("--ids", default=None, help="file of record ids, one per line: evaluate only these records")
+    g_data.add_argument("--limit", type=_int_at_least(1), default=None,
+                        help="evaluate only the first N test records (after --ids; default: all)")
+    g_model.add_argument("--llm", help="language model folder or hub id (HF Llama layout)")
+    g_model.add_argument("--vision", help="vision tower: open_clip checkpoint file or folder")
+    g_model.add_argument("--vision-heads", type=_int_at_least(0), default=0, help="vision attention heads (0: width / 64)")
+    g_model.add_argument("--projector", help="mm_projector.bin (or LLaVA-Rad's non_lora_trainables.bin); default: the "
+                                             "one in the --adapter folder or beside it (train.py's layout)")
+    g_model.add_argument("--random-projector", action="store_true",
+                         help="run with an untrained, random projector on purpose (smoke tests: the reports are noise)")
+    g_model.add_argument("--adapter", default=None, help="PEFT LoRA adapter folder, merged into the LLM")
+    g_model.add_argument("--tokenizer", default=None, help="tokenizer.json or tokenizer.model (SentencePiece), or their folder (default: the --llm folder)")
+    g_gen.add_argument("--batch-size", type=_int_at_least(1), default=16, help="reports generated per batch")
+    g_gen.add_argument("--max-new-tokens", type=_int_at_least(1), default=256,
+                       help="generation length limit (official: 256)")
+    g_gen.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
+    g_gen.add_argument("--dtype", default="bf16", choices=("bf16", "fp32"), help="weights dtype on GPU (CPU: fp32)")
+    g_score.add_argument("--predictions", default=None, help="score this JSONL file instead of running a model (keys below)")
+    g_score.add_argument("--attributes", nargs="+", default=None, choices=tuple(ATTRIBUTES),
+                         help="attributes to score (default: those the data set records)")
+    g_score.add_argument("--min-group-size", type=_int_at_least(1), default=30,
+                         help="smaller groups are flagged, left out of the gap")
+    g_score.add_argument("--m-all", default="whole_set", choices=("whole_set", "group_mean"),
+                         help="ES numerator: whole-set score (paper) or mean of group scores (official script)")
+    g_score.add_argument("--n-resamples", type=_int_at_least(0), default=200,
+                         help="bootstrap resamples for intervals (0: none)")
+    g_score.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    g_score.add_argument("--probe-train-json", default=None,
+                         help="also fit a linear attribute probe on h, trained on this JSON (model mode only)")
+    g_score.add_argument("--probe-max-train", type=_int_at_least(1), default=1000, help="training records for the probe")
+    g_run.add_argument("--out", required=True, help="output folder: predictions.jsonl, results.json/.md, groups.png")
+    g_run.add_argument("--overwrite", action="store_true",
+                       help="discard the predictions and results already in --out and start afresh")
+    g_run.add_argument("--title", default="", help="title of the table and the chart")
+    g_run.add_argument("--preflight", action="store_true",
+                       help="check every input in seconds (paths, checkpoint keys and shapes from their headers, "
+                            "tokenizer vs embedding, image size, the test JSON with its images decoded, group sizes, "
+                            "--out writable) and print one table; exit 0 if the run would start, else 2")
+
     args = ap.parse_args(argv)
     flag = lambda name: "--" + name.replace("_", "-")
     if args.predictions is not None:

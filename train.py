@@ -11,18 +11,14 @@ of four methods:
              attribute classifier phi is fitted on stop-gradient hidden states, then, frozen, it
              scores the CLUB mutual-information bound that LoRA + projector minimise.
 
-    python demo.py                                # the whole story on the synthetic benchmark (CPU)
     python train.py --stage 2 --method fairllava --llm lmsys/vicuna-7b-v1.5 ...   # real run
     torchrun --nproc_per_node=8 train.py ...      # the official 8-GPU setting
     python train.py --dry-run                     # 7B parameter counts and memory estimate
 
-Outputs in --out: `config.json` (the settings), `mm_projector.bin` (LLaVA key names), `adapter/`
-(PEFT format), `log.jsonl` (one line per optimizer step), `monitor.jsonl` (with --monitor-json) and
-`checkpoint.pt` (trainable tensors, phi included + optimizers + step + RNG state, written
-atomically, loadable with weights_only=True) from which --resume continues exactly. A fresh run
-needs an empty --out (--overwrite clears train.py's files first); --resume refuses changed
-settings (RESUMABLE lists the flags that may change) and cuts the logs back to the checkpoint's
-step, so that after a kill each step is logged once.
+What this file holds is the training itself: setup, the loop, and `train_step`, one optimizer step
+of Algorithm 1. Next door: config.py (TrainConfig and the flags), train_io.py (what --out holds,
+the checkpoint --resume continues from exactly), monitor.py (the mechanism on held-out data),
+preflight.py (--preflight, --dry-run).
 """
 
 import contextlib
@@ -312,7 +308,8 @@ def train_steps(run, step, log, quiet, progress):
                 save_checkpoint(out / "checkpoint.pt", cfg, run.model, run.fair, run.opt, run.dac_opt, step, run.d)
                 saved = step
             if cfg.stop_after and step >= cfg.stop_after:
-                return stop_after(run, step)
+                print(f"stopping after step {step} (--stop-after)", file=sys.stderr) if run.d.master else None
+                return False
     except data.DataError as e:
         raise data.DataError(bad_item_stop(run, e, step, saved)) from None
     finally:
@@ -403,12 +400,6 @@ def log_step(run, log, bar, progress, rec):
             progress(rec["step"], run.total, rec)
 
 
-def stop_after(run, step):
-    if run.d.master:
-        print(f"stopping after step {step} (--stop-after)", file=sys.stderr)
-    return False
-
-
 def micro_batches(run, step):
     """From `step` to the end: each optimizer step's list of --grad-accum batches. A resumed run
     skips the batches its epoch has already seen."""
@@ -426,13 +417,10 @@ def micro_batches(run, step):
         for _ in range(in_epoch, run.steps_per_epoch):
             if step >= run.total:
                 return
-            micro = []
-            for _ in range(cfg.grad_accum):
-                b = next(it)
-                if cfg.overfit_one_batch:
-                    fixed = fixed or b
-                    b = fixed
-                micro.append(b)
+            micro = [next(it) for _ in range(cfg.grad_accum)]
+            if cfg.overfit_one_batch:  # debug: the run's first batch, over and over
+                fixed = fixed or micro[0]
+                micro = [fixed] * cfg.grad_accum
             yield micro
             step += 1
 
