@@ -102,6 +102,20 @@ class TrainConfig:
         for name in ("lr", "dac_lr"):
             if not (getattr(self, name) > 0 and math.isfinite(getattr(self, name))):
                 raise ValueError(f"--{name.replace('_', '-')} must be a finite number > 0, got {getattr(self, name)}")
+        for name in ("weight_decay", "lm_weight", "grad_clip"):
+            if not (getattr(self, name) >= 0 and math.isfinite(getattr(self, name))):
+                raise ValueError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {getattr(self, name)}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ValueError(f"--warmup-ratio must be in [0, 1) (a share of the steps), got {self.warmup_ratio}")
+        if self.max_bad_steps < 1:
+            raise ValueError(f"--max-bad-steps must be >= 1, got {self.max_bad_steps}")
+        for name in ("num_workers", "vision_heads"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        if self.max_length < 2:
+            raise ValueError(f"--max-length must be >= 2 (a prompt and an answer token), got {self.max_length}")
+        if not 0 <= self.seed < 2 ** 32:  # numpy's seeds
+            raise ValueError(f"--seed must be in [0, 2**32), got {self.seed}")
 
 
 # Flags of the nested configs: --NAME for FairnessConfig.NAME, --lora-NAME for LoRAConfig.NAME.

@@ -32,8 +32,10 @@ import argparse
 import hashlib
 import json
 import math
+import os
 import shutil
 import sys
+import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -77,7 +79,7 @@ class DemoConfig:
     overwrite: bool = field(default=False, metadata=dict(help="redo a folder whose recorded settings differ"))
     # the benchmark
     shortcut_strength: float = field(default=1.0, metadata=dict(help="0: no shortcut; 1: black 0.08 vs 0.40"))
-    n_test: int = field(default=2400, metadata=dict(help="test cases (600 per race group)"))
+    n_test: int = field(default=2400, metadata=dict(help="test cases (race drawn uniformly: about a quarter each)"))
     data_seed: int = field(default=0, metadata=dict(help="seed of the synthetic data"))
     # training: the 7B recipe at the scale of a 1M-parameter model (higher rates, smaller rank)
     stage1_lr: float = field(default=5e-3, metadata=dict(help="stage 1 learning rate"))
@@ -118,6 +120,11 @@ def parse_args(argv=None):
             p.error(f"{flag(name)} must be >= 1, got {getattr(cfg, name)}")
     if cfg.n_test < 240:  # 4 race groups of >= 30 reports (smaller groups are left out of the gap)
         p.error(f"--n-test must be >= 240 (4 race groups of at least 30 reports each), got {cfg.n_test}")
+    bad = [v for v in cfg.seeds + (cfg.data_seed,) if not 0 <= v < 2 ** 32]
+    if bad:
+        p.error(f"--seeds and --data-seed must be in [0, 2**32) (numpy's seeds), got {bad[0]}")
+    if len(set(cfg.seeds)) < len(cfg.seeds):
+        p.error(f"--seeds lists a seed twice: {' '.join(map(str, cfg.seeds))}")
     if cfg.variant_dac_memory < 0:
         p.error(f"--variant-dac-memory must be >= 0, got {cfg.variant_dac_memory}")
     for name in ("stage1_lr", "stage1_epochs", "lr", "epochs", "dac_lr", "variant_dac_lr"):
@@ -353,11 +360,34 @@ def _progress(name):
                                         f"({time.time() - t0:.0f}s)")
 
 
+def contents(*paths):
+    """{file name relative to its unit: fingerprint} of the files (every file of a folder) a unit
+    reads: a unit's key holds them, so a reused unit is one made from the same bytes, whichever
+    settings made its inputs (a stage 2 after stage 1 was retrained, an evaluation after the test
+    images changed). What a key cannot see: the code of this project (a new version that trains
+    differently reuses the old folders: --overwrite redoes them) and the middle of files over 2 MiB
+    (evaluate.file_fingerprint)."""
+    out = {}
+    for path in map(Path, paths):
+        files = sorted(f for f in path.rglob("*") if f.is_file() and f.name != "demo_key.json") \
+            if path.is_dir() else [path]
+        for f in files:
+            out[f"{path.name}/{f.relative_to(path)}" if path.is_dir() else path.name] = evaluate.file_fingerprint(f)
+    return out
+
+
+def run_key(tcfg):
+    """A training unit's key: its settings and the content of what it reads (the base models, the
+    data and, for stage 2, stage 1's projector: a retrained stage 1 means a new stage 2)."""
+    inputs = [tcfg.llm, tcfg.vision, tcfg.train_json] + [p for p in (tcfg.projector, tcfg.monitor_json) if p]
+    return {**asdict(tcfg), "inputs": contents(*inputs)}
+
+
 def run_unit(tcfg, name, overwrite):
     """Train one stage (in a worker): skipped when the folder holds a finished run of the same settings."""
     torch.set_num_threads(1)  # tiny tensors: one thread each, two processes side by side
     out = Path(tcfg.out)
-    key, root = asdict(tcfg), out.parent.parent  # out = DIR/seedS/NAME
+    key, root = run_key(tcfg), out.parent.parent  # out = DIR/seedS/NAME
     if unit(out, key, overwrite, root):
         say(f"{name}: reused {out}")
         return
@@ -367,12 +397,16 @@ def run_unit(tcfg, name, overwrite):
     say(f"{name}: trained in {time.time() - t:.0f}s")
 
 
+SPLITS = ("train", "test", "swap")  # what an evaluation reads (train: the probe's training records)
+
+
 def evaluate_unit(tcfg, paths, name, overwrite):
     """Evaluate one trained run on the test and swap splits (in a worker) -> results dict."""
     torch.set_num_threads(1)
     run = Path(tcfg.out)
     out = run / "eval"
-    key = {"run": asdict(tcfg), "test": str(paths["data"] / "test.json"), "max_new_tokens": 96, "n_resamples": 200}
+    key = {"run": run_key(tcfg), "test": str(paths["data"] / "test.json"), "max_new_tokens": 96, "n_resamples": 200,
+           "inputs": contents(run / "mm_projector.bin", run / "adapter", *(paths["data"] / f"{s}.json" for s in SPLITS))}
     root = run.parent.parent
     if unit(out, key, overwrite, root):
         return json.loads((out / "results.json").read_text())
@@ -383,7 +417,7 @@ def evaluate_unit(tcfg, paths, name, overwrite):
     tok = load_tokenizer(base / "llm")
     proc = data.ImageProcessor(VIT.image_size, VIT.mean, VIT.std)
     splits = {s: (data.read_llava_json(paths["data"] / f"{s}.json"), json.loads((paths["data"] / f"{s}.json").read_text()))
-              for s in ("test", "swap")}
+              for s in SPLITS[1:]}
     preds = {s: evaluate.generate_predictions(model, tok, recs, proc, out / f"predictions_{s}.jsonl", batch_size=64,
                                               max_new_tokens=96, desc=f"{name} {s}", quiet=True)
              for s, (recs, _) in splits.items()}
@@ -429,6 +463,16 @@ def prepare(cfg, root, pool, strength=None, uniform_train=False, name="data"):
         done(base, pre)
         say(f"stand-in base models pre-trained ({time.time() - t:.0f}s)")
     return {"data": data_dir, "base": base}
+
+
+def _die_with_parent(parent):
+    """In each worker: exit when the demo that started it is gone (a kill -9 gives it no chance to
+    stop its pool), so that no worker goes on writing into --dir. Polls once a second."""
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+    threading.Thread(target=watch, daemon=True).start()
 
 
 def _pretrain(which, data_dir, out):
@@ -561,11 +605,18 @@ def benchmark_rows(results, seeds):
     return rows
 
 
+def test_split(results):
+    """"2400 decorrelated cases (582-631 per race)", as the runs were scored."""
+    res = next(iter(results.values()))
+    sizes = [g["n"] for g in res["fairness"]["race"][synthetic.FINDING_F1.name]["groups"].values()]
+    return f"{sum(sizes)} decorrelated cases ({min(sizes)}-{max(sizes)} per race)"
+
+
 def write_report(cfg, root, results, methods, extra_md=""):
     seeds = sorted({s for s, _ in results})
     methods = [m for m in methods if all((s, m) in results for s in seeds)]
     md = [f"# FairLLaVA demo: {len(seeds)} seed(s) {seeds}\n",
-          "Test split: 2400 decorrelated cases (600 per race). Δ = max_g − min_g over groups, ES = M / (1 + Δ); "
+          f"Test split: {test_split(results)}. Δ = max_g − min_g over groups, ES = M / (1 + Δ); "
           "FindF1 = micro-F1 over the three shortcut findings (the benchmark's labeler), F1 = CheXpert-style "
           "micro-F1. " + ("Mean ± 95% t-interval over seeds." if len(seeds) > 1 else "One seed.") + "\n",
           markdown_table([""] + [LABELS[m] for m in methods], key_rows(results, methods, seeds)),
@@ -711,7 +762,8 @@ def main(argv=None):
     _not_a_folder(root)
     root.mkdir(parents=True, exist_ok=True)
     check_outputs(root)  # refuse now, not after the runs, a file of the user's that the report would replace
-    with ProcessPoolExecutor(cfg.workers, mp_context=get_context("spawn")) as pool:
+    with ProcessPoolExecutor(cfg.workers, mp_context=get_context("spawn"), initializer=_die_with_parent,
+                             initargs=(os.getpid(),)) as pool:
         paths = prepare(cfg, root, pool)
         if cfg.study:
             study(cfg, root, pool, paths)
@@ -724,5 +776,5 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         main()
-    except (DemoError, ValueError, FileNotFoundError) as e:
-        sys.exit(f"demo.py: error: {e}")
+    except (DemoError, ValueError, OSError) as e:
+        sys.exit(f"demo.py: error: {data.one_line(e)}")

@@ -56,7 +56,7 @@ from data import (ATTRIBUTES, DATASETS, UNKNOWN, HelpFormatter, ImageProcessor, 
                   recorded_attributes, tokenize_with_image, tokenizer_file)
 from fairness import FairnessConfig, fit_linear_probe, pool_hidden, token_mask
 from lora import load_peft_adapter, merge_lora
-from model import generate, load_llava, resolve_path, weight_files
+from model import generate, load_llava, read_llama_config, resolve_path, weight_files
 from preflight import Preflight, preflight_model, preflight_out, preflight_paths, preflight_records
 
 # The metrics of each data set, and which of them make the paper's equity-scaled table and the chart.
@@ -497,7 +497,7 @@ def write_outputs(results, out_dir, title=""):
 # The key of a predictions file: what produced it, so a resumed run reuses only its own predictions
 
 MIB = 1 << 20
-KEY_VERSION = 1
+KEY_VERSION = 2  # 2: the images' content and the vision config beside a checkpoint file
 
 
 def file_fingerprint(path):
@@ -525,9 +525,10 @@ def _llm_files(folder):
 
 
 def _vision_files(path):
-    # a checkpoint file, or every weights file in the folder (whichever one the loader picks)
+    # a checkpoint file and the open_clip_config.json beside it (its heads), or every weights file in
+    # the folder (whichever one the loader picks)
     if path.is_file():
-        return [path]
+        return [path] + [c for c in [path.parent / "open_clip_config.json"] if c.is_file()]
     return sorted(f for f in path.iterdir() if f.is_file()
                   and (f.suffix in (".bin", ".safetensors", ".pt", ".pth") or f.name == "open_clip_config.json"))
 
@@ -537,11 +538,22 @@ def _adapter_files(folder):
     return [folder / n for n in names if (folder / n).is_file()]
 
 
-def predictions_key(args, llm, vision, projector, dtype):
-    """What the predictions of a model run depend on (llm, vision: the resolved folders / files).
-    Leaves out what does not change them: the batch size (batched greedy decoding equals one prompt
-    at a time), the device, --limit/--ids (a subset's predictions are those of the whole set), and
-    the scoring flags."""
+def images_fingerprint(records):
+    """One hash over every test image's content (file_fingerprint of each, with the record's id):
+    images replaced at the same paths give another key."""
+    h = hashlib.sha256()
+    for r in records:
+        h.update(f"{r['id']}\t{file_fingerprint(r['image'])}\n".encode())
+    return f"{len(records)} images:{h.hexdigest()[:20]}"
+
+
+def predictions_key(args, llm, vision, projector, dtype, records):
+    """What the predictions of a model run depend on (llm, vision: the resolved folders / files;
+    records: the whole test set, whose images are fingerprinted by content). Leaves out what does
+    not change them: the batch size (batched greedy decoding equals one prompt at a time), the
+    device, --limit/--ids (a subset's predictions are those of the whole set), and the scoring
+    flags. What it cannot see: a change confined to the middle of a file over 2 MiB (see
+    file_fingerprint), and code: a new version of this project that generates differently."""
     test = Path(args.test_json)
     tokenizer = tokenizer_file(args.tokenizer or llm)
     return {
@@ -556,6 +568,7 @@ def predictions_key(args, llm, vision, projector, dtype):
         "dtype": str(dtype).replace("torch.", ""),
         "test_json": _source(test, [test]),
         "image_root": str(Path(args.image_root or test.parent).resolve()),
+        "images": images_fingerprint(records),
         "dataset": args.dataset,
     }
 
@@ -750,7 +763,7 @@ def parse_args(argv=None):
                          help="ES numerator: whole-set score (paper) or mean of group scores (official script)")
     g_score.add_argument("--n-resamples", type=_int_at_least(0), default=200,
                          help="bootstrap resamples for intervals (0: none)")
-    g_score.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    g_score.add_argument("--seed", type=_int_at_least(0), default=0, help="bootstrap seed")
     g_score.add_argument("--probe-train-json", default=None,
                          help="also fit a linear attribute probe on h, trained on this JSON (model mode only)")
     g_score.add_argument("--probe-max-train", type=_int_at_least(1), default=1000, help="training records for the probe")
@@ -881,7 +894,7 @@ def _score_file(args, records, all_ids):
     return [p for p in predictions if p["id"] in keep or p["id"] not in all_ids]
 
 
-def _load_for_run(args, out):
+def _load_for_run(args, out, all_records):
     """Check everything a model run needs, claim out/predictions.jsonl, then load the model:
     (model, tokenizer, predictions file). Every refusal comes before the slow model load."""
     dtype = torch.bfloat16 if (args.device.startswith("cuda") and args.dtype == "bf16") else torch.float32
@@ -892,17 +905,22 @@ def _load_for_run(args, out):
         tokenizer = load_tokenizer(args.tokenizer or llm)  # cheap, and its errors say how to fix them
     except FileNotFoundError as e:
         raise ValueError(f"{'--tokenizer' if args.tokenizer else '--llm'} {e}") from None
-    preds_file = claim_predictions(out, predictions_key(args, llm, vision, projector, dtype), args.overwrite)
+    max_positions = read_llama_config(llm).max_position_embeddings
+    if args.max_new_tokens >= max_positions:
+        raise ValueError(f"--max-new-tokens {args.max_new_tokens}: the model holds {max_positions} positions "
+                         f"(max_position_embeddings in {llm / 'config.json'}), prompt included")
+    key = predictions_key(args, llm, vision, projector, dtype, all_records)
+    preds_file = claim_predictions(out, key, args.overwrite)
     if note:  # after the checks, so a refusal stays the only line on stderr
         print(f"evaluate.py: {note}", file=sys.stderr)
     model = load_model(str(llm), str(vision), projector, args.adapter, args.vision_heads, args.device, dtype)
     return model, tokenizer, preds_file
 
 
-def _run_model(args, records, attributes, out):
+def _run_model(args, records, attributes, out, all_records):
     """Generate (or resume) the predictions of `records`; -> (predictions, title, probe or None)."""
     check_group_sizes(records, attributes, args.min_group_size)  # before hours of generation, not after
-    model, tokenizer, preds_file = _load_for_run(args, out)
+    model, tokenizer, preds_file = _load_for_run(args, out, all_records)
     vc = model.vision_tower.config
     processor = ImageProcessor(size=vc.image_size, mean=vc.mean, std=vc.std)
     predictions = generate_predictions(model, tokenizer, records, processor, preds_file,
@@ -934,7 +952,7 @@ def main(argv=None):
         check_group_sizes(records, attributes, args.min_group_size)
         title = args.title or Path(args.predictions).stem
     else:
-        predictions, title, probe = _run_model(args, records, attributes, out)
+        predictions, title, probe = _run_model(args, records, attributes, out, all_records)
     results = score(predictions, records, attributes, args.dataset, args.n_resamples, args.seed,
                     args.min_group_size, args.m_all)
     if probe is not None:

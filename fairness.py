@@ -48,6 +48,7 @@ Left out: any non-linear leak a linear phi cannot see stays in h; with DDP each 
 phi unless the caller wraps it.
 """
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -117,8 +118,13 @@ class FairnessConfig:
                 raise ValueError(f"FairnessConfig.lambdas has no entry for attribute {a!r}")
             if self.num_classes[a] < 1:
                 raise ValueError(f"FairnessConfig.num_classes[{a!r}] must be >= 1, got {self.num_classes[a]}")
-            if not self.lambdas[a] >= 0:
-                raise ValueError(f"FairnessConfig.lambdas[{a!r}] must be >= 0, got {self.lambdas[a]}")
+            if not (isinstance(self.lambdas[a], (int, float)) and 0 <= self.lambdas[a] < math.inf):
+                raise ValueError(f"FairnessConfig.lambdas[{a!r}] must be a finite number >= 0, got {self.lambdas[a]}")
+        for name in ("dac_weight", "smooth_eps"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and 0 <= value < math.inf) or (name == "smooth_eps" and value == 0):
+                raise ValueError(f"FairnessConfig.{name} must be a finite number {'> 0' if name == 'smooth_eps' else '>= 0'}, "
+                                 f"got {value}")
         unknown = set(self.lambdas) - set(self.num_classes)
         if unknown:
             raise ValueError(f"FairnessConfig.lambdas names unknown attributes {sorted(unknown)}; "
@@ -130,6 +136,14 @@ class FairnessConfig:
                                      ("protocol", self.protocol, PROTOCOLS), ("h_norm", self.h_norm, H_NORMS)]:
             if value not in choices:
                 raise ValueError(f"FairnessConfig.{name} must be one of {choices}, got {value!r}")
+
+    def check_layer(self, num_hidden_layers):
+        """An integer --layer must name one of the model's n_layers + 1 hidden states (see
+        select_layers); found out before a model is loaded, not at the first step."""
+        n = num_hidden_layers + 1
+        if isinstance(self.layer, int) and not -n <= self.layer < n:
+            raise ValueError(f"--layer {self.layer}: the model has {num_hidden_layers} layers, so hidden states "
+                             f"0..{n - 1} (or -{n}..-1 from the end)")
 
     @classmethod
     def single(cls, attribute, **overrides):

@@ -479,6 +479,9 @@ def check_train_run(cfg, args):
     if cfg.stage == 1 and paths.pop("--adapter", None) is not None:
         pf.skip("adapter", "stage 1 trains the projector only; --adapter is not used")
     llm, vis, tok = preflight_model(pf, paths, cfg.vision_heads or None, cfg.lora)
+    if llm is not None:
+        pf.check("layer of h", lambda: cfg.fair.check_layer(llm.num_hidden_layers) or
+                 f"--layer {cfg.fair.layer} of {llm.num_hidden_layers} layers")
     records = _preflight_data(pf, cfg, paths, tok, args.strict_text)
     world = args.world_size or int(os.environ.get("WORLD_SIZE", 1))
     if records is not None:

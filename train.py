@@ -230,6 +230,7 @@ def setup(cfg, d, strict_text=False):
     Writes nothing: --out is touched only once all of this has worked."""
     seed_everything(cfg.seed)
     model = build_model(cfg, d)
+    cfg.fair.check_layer(model.llm.config.num_hidden_layers)
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.llm)
     vit = model.vision_tower.config
     records = data.read_llava_json(cfg.train_json, cfg.dataset, image_root=cfg.image_root or None)
