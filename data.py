@@ -178,6 +178,15 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
         return super()._get_help_string(action)
 
 
+def nearest_existing(path):
+    """`path` or its nearest ancestor that exists (absolute): where a folder to be made would go,
+    and what is in the way when that is a file."""
+    p = Path(path).absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return p
+
+
 def read_json(path, what="JSON"):
     """Parse a JSON file; a bad file is a DataError naming it (and the line and column of the
     problem), never a bare JSONDecodeError. `what` says what the file should hold."""
@@ -250,6 +259,9 @@ def _attrs(item, dataset, unknown_race):
     return attrs
 
 
+HIGH_DEPTH_MODES = ("I", "I;16", "I;16B", "I;16L", "F")  # 16/32-bit X-rays (PadChest), float images
+
+
 def _open_image(path, decode=True):
     if not Path(path).is_file():
         raise _Bad("image", f"no such file {path}")
@@ -257,9 +269,14 @@ def _open_image(path, decode=True):
         with Image.open(path) as im:  # reads the header only, unless decode
             if decode:
                 im.load()
-            return im
     except Exception as e:
         raise _Bad("image", f"unreadable image {path}: {e}") from None
+    if decode and im.mode in HIGH_DEPTH_MODES:  # scaled by their maximum: negative or non-finite values would wrap
+        a = np.asarray(im, dtype=np.float32)
+        if not np.isfinite(a).all() or a.min() < 0:
+            raise _Bad("image", f"{path}: {im.mode}-mode pixels must be finite and >= 0 (intensities), found "
+                                f"{'non-finite values' if not np.isfinite(a).all() else f'a minimum of {a.min():g}'}")
+    return im
 
 
 def read_llava_json(path, dataset="mimic", image_root=None, on_error="raise", check_images=True,
@@ -288,6 +305,8 @@ def read_llava_json(path, dataset="mimic", image_root=None, on_error="raise", ch
                 raise _Bad("id", "duplicate id")
             if not item.get("image"):
                 raise _Bad("image", "missing")
+            if not isinstance(item["image"], str):
+                raise _Bad("image", f"expected a file path (a string), got a JSON {type(item['image']).__name__}")
             question, answer = _question_answer(item, dataset)
             attrs = _attrs(item, dataset, unknown_race)
             image = str(root / item["image"])
@@ -354,10 +373,14 @@ def _convert(csv_path, out_path, make_item, columns):
     the converter needs, each a name or a tuple of alternatives (one of them is enough). A CSV
     without them is refused before anything is written: a wrong file must not come out as
     "wrote 0 of N rows"."""
-    with open(csv_path, newline="", encoding="utf-8-sig") as f:  # utf-8-sig: Excel's BOM
-        reader = csv.DictReader(f)
-        _check_columns(csv_path, reader.fieldnames or [], columns)
-        rows = list(reader)
+    try:
+        with open(csv_path, newline="", encoding="utf-8-sig") as f:  # utf-8-sig: Excel's BOM
+            reader = csv.DictReader(f)
+            _check_columns(csv_path, reader.fieldnames or [], columns)
+            rows = list(reader)
+    except UnicodeDecodeError as e:
+        raise DataError(f"{csv_path}: not UTF-8 text (byte {e.start}: {e.object[e.start:e.start + 1]!r}); "
+                        f"save the CSV as UTF-8 and convert again") from None
     items, dropped = [], Counter()
     for row in rows:
         item = make_item({k: (v or "").strip() for k, v in row.items() if k is not None})
@@ -465,8 +488,10 @@ class ImageProcessor:
     std: tuple = VisionConfig.std
 
     def __call__(self, image):
-        if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+        if image.mode in HIGH_DEPTH_MODES:
             a = np.asarray(image, dtype=np.float32)
+            if not np.isfinite(a).all() or a.min() < 0:
+                raise ValueError(f"{image.mode}-mode image: pixels must be finite and >= 0 (intensities)")
             image = Image.fromarray((a * (255.0 / max(float(a.max()), 1.0))).round().astype(np.uint8))
         image = image.convert("RGB")
         w, h = image.size

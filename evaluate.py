@@ -51,13 +51,13 @@ import torch
 from tqdm import tqdm
 
 import metrics
-from data import (ATTRIBUTES, DATASETS, UNKNOWN, HelpFormatter, ImageProcessor, OneLineParser, ReportDataset, clip, collate,
+from data import (ATTRIBUTES, DATASETS, UNKNOWN, HelpFormatter, ImageProcessor, OneLineParser, nearest_existing, ReportDataset, clip, collate,
                   conversation_prompt, group_names, load_image, load_tokenizer, one_line, read_llava_json,
                   recorded_attributes, tokenize_with_image, tokenizer_file)
 from fairness import FairnessConfig, fit_linear_probe, pool_hidden, token_mask
 from lora import load_peft_adapter, merge_lora
 from model import generate, load_llava, read_llama_config, resolve_path, weight_files
-from preflight import Preflight, preflight_model, preflight_out, preflight_paths, preflight_records
+from preflight import Preflight, check_tokenizer, preflight_model, preflight_out, preflight_paths, preflight_records
 
 # The metrics of each data set, and which of them make the paper's equity-scaled table and the chart.
 # short column name -> metric name. The paper's clinical column is RadGraph-F1 (MIMIC main table) and
@@ -820,9 +820,10 @@ def _check_paths(args):
     for name, path in folders.items():
         if path is not None and not Path(path).is_dir():
             raise ValueError(f"{name} {path}: {'not a folder' if Path(path).exists() else 'no such folder'}")
-    if Path(args.out).exists() and not Path(args.out).is_dir():
-        raise ValueError(f"--out {args.out}: is a file; --out takes a folder (it will hold predictions.jsonl, "
-                         "results.json, results.md, groups.png)")
+    blocker = nearest_existing(args.out)
+    if not blocker.is_dir():
+        raise ValueError(f"--out {args.out}: {'' if blocker == Path(args.out).absolute() else f'{blocker} '}is a file; "
+                         "--out takes a folder (it will hold predictions.jsonl, results.json, results.md, groups.png)")
 
 
 def _resolve(flag, path, patterns):
@@ -905,7 +906,9 @@ def _load_for_run(args, out, all_records):
         tokenizer = load_tokenizer(args.tokenizer or llm)  # cheap, and its errors say how to fix them
     except FileNotFoundError as e:
         raise ValueError(f"{'--tokenizer' if args.tokenizer else '--llm'} {e}") from None
-    max_positions = read_llama_config(llm).max_position_embeddings
+    llm_cfg = read_llama_config(llm)
+    check_tokenizer(args.tokenizer or llm, tokenizer, llm_cfg, llm_cfg.vocab_size)  # the embedding's rows
+    max_positions = llm_cfg.max_position_embeddings
     if args.max_new_tokens >= max_positions:
         raise ValueError(f"--max-new-tokens {args.max_new_tokens}: the model holds {max_positions} positions "
                          f"(max_position_embeddings in {llm / 'config.json'}), prompt included")

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 import data
-from data import DataError, ImageProcessor, group_names, load_image, load_tokenizer, one_line, read_llava_json, \
+from data import DataError, ImageProcessor, nearest_existing, group_names, load_image, load_tokenizer, one_line, read_llava_json, \
     recorded_attributes
 from fairness import FairnessRegularizer
 from lora import _adapter_weights, _from_peft_key, _lora_config_of, _read_adapter_config, apply_lora, count_parameters, \
@@ -280,9 +280,14 @@ def _adapter_row(llm, adapter, flags):
 
 
 def _tokenizer_row(path, llm, rows):
-    """The tokenizer's ids must index into the embedding matrix: an id past its last row fails only
-    when a batch first holds that token, which may be hours in."""
     tok = load_tokenizer(path)
+    return check_tokenizer(path, tok, llm, rows), tok
+
+
+def check_tokenizer(path, tok, llm, rows):
+    """The tokenizer's ids must index into the embedding matrix (rows): an id past its last row
+    fails only when a batch first holds that token, which may be hours in. Used by the preflight,
+    train.py and evaluate.py alike. -> the detail line."""
     vocab = tok.get_vocab_size()
     if vocab > rows:
         raise CheckpointError(f"{path}: vocabulary of {vocab} tokens is larger than the embedding matrix "
@@ -294,7 +299,7 @@ def _tokenizer_row(path, llm, rows):
     if bad:
         raise CheckpointError(f"{path}: {', '.join(bad)} outside the embedding matrix ({rows} rows)")
     shown = ", ".join(f"{name} {i}" for name, i in ids.items())
-    return f"vocabulary {vocab} <= embedding rows {rows}; {shown}", tok
+    return f"vocabulary {vocab} <= embedding rows {rows}; {shown}"
 
 
 def _image_size_row(vis, vision_file):
@@ -381,18 +386,11 @@ def preflight_records(pf, name, path, dataset, image_root):
     return pf.check(name, row)
 
 
-def _nearest_existing(path):
-    p = Path(path).absolute()
-    while not p.exists() and p != p.parent:
-        p = p.parent
-    return p
-
-
 def preflight_out(pf, out, need_bytes=0, what=""):
     """--out writable with room for need_bytes. The only write: a temp file, created and deleted in
     --out (or in its nearest existing parent, where the run would create it)."""
     def row():
-        folder = _nearest_existing(out)
+        folder = nearest_existing(out)
         if not folder.is_dir():
             raise ValueError(f"--out {out}: {folder} is a file, not a folder")
         try:
@@ -488,7 +486,10 @@ def check_train_run(cfg, args):
         pf.check("batches per rank", lambda: _batches_row(cfg, len(records), world))
     else:
         pf.skip("batches per rank", "needs the train json to pass")
-    pf.check("out state", lambda: _out_state_row(cfg, args.overwrite))
+    if nearest_existing(cfg.out).is_dir():
+        pf.check("out state", lambda: _out_state_row(cfg, args.overwrite))
+    else:
+        pf.skip("out state", "needs the out folder check to pass")
     if llm is not None and vis is not None:
         trainable = trainable_count(cfg, llm, vis)
         preflight_out(pf, cfg.out, checkpoint_bytes(trainable),

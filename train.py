@@ -43,7 +43,7 @@ from fairness import FairnessRegularizer
 from lora import apply_lora, load_peft_adapter, mark_only_lora_as_trainable
 from model import load_llava, load_projector, supervised_weight
 from monitor import Monitor
-from preflight import check_train_run, dry_run
+from preflight import check_tokenizer, check_train_run, dry_run
 from train_io import atomic_save, bad_item_stop, check_out, export, report_text, restore_checkpoint, save_checkpoint, \
     start_outputs
 
@@ -232,6 +232,7 @@ def setup(cfg, d, strict_text=False):
     model = build_model(cfg, d)
     cfg.fair.check_layer(model.llm.config.num_hidden_layers)
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.llm)
+    check_tokenizer(cfg.tokenizer or cfg.llm, tokenizer, model.llm.config, model.llm.model.embed_tokens.weight.shape[0])
     vit = model.vision_tower.config
     records = data.read_llava_json(cfg.train_json, cfg.dataset, image_root=cfg.image_root or None)
     weights = None
@@ -437,7 +438,7 @@ def main(argv=None):
     d = setup_distributed()
     try:
         train(cfg, d, overwrite=args.overwrite, strict_text=args.strict_text)
-    except (ValueError, FileNotFoundError) as e:  # bad input: one line naming what, no traceback
+    except (ValueError, OSError) as e:  # bad input: one line naming what, no traceback
         sys.exit(f"train.py: error: {data.one_line(e)}")
     finally:
         if d.world > 1:

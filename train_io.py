@@ -175,8 +175,9 @@ def check_out(cfg, overwrite):
     delete what train.py writes); a resumed one its checkpoint, made with the same settings.
     -> the checkpoint's dict, or None."""
     out = Path(cfg.out)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out}: is a file, not a folder")
+    blocker = data.nearest_existing(out)
+    if not blocker.is_dir():
+        raise ValueError(f"--out {out}: {'' if blocker == out.absolute() else f'{blocker} '}is a file, not a folder")
     for flag, path in _inputs(cfg).items():  # an input in --out would be cleared (--overwrite) or written over
         if path and _inside(Path(path), out):
             raise ValueError(f"{flag} {path} lies inside --out {out}, which train.py writes (and --overwrite "
