@@ -51,7 +51,8 @@ import evaluate
 import synthetic
 from data import conversation_prompt, load_tokenizer
 from metrics import markdown_table
-from model import Llama, LlamaConfig, VisionConfig, VisionTransformer, save_llama
+from checkpoint import save_llama
+from model import Llama, LlamaConfig, VisionConfig, VisionTransformer
 from fairness import FairnessConfig
 from lora import LoRAConfig
 from config import TrainConfig

@@ -56,7 +56,8 @@ from data import (ATTRIBUTES, DATASETS, UNKNOWN, HelpFormatter, ImageProcessor, 
                   recorded_attributes, tokenize_with_image, tokenizer_file)
 from fairness import FairnessConfig, fit_linear_probe, pool_hidden, token_mask
 from lora import load_peft_adapter, merge_lora
-from model import generate, load_llava, read_llama_config, resolve_path, weight_files
+from checkpoint import load_llava, read_llama_config, resolve_path, weight_files
+from generate import generate
 from preflight import Preflight, check_tokenizer, preflight_model, preflight_out, preflight_paths, preflight_records
 
 # The metrics of each data set, and which of them make the paper's equity-scaled table and the chart.

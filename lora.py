@@ -51,7 +51,8 @@ import torch
 import torch.nn as nn
 from safetensors.torch import save_file
 
-from model import check_state_dict, linear, load_tensors
+from checkpoint import check_state_dict, load_tensors
+from fast import Dropout, linear, lora_linear
 
 PEFT_PREFIX = "base_model.model."
 
@@ -69,22 +70,6 @@ class LoRAConfig:
     @classmethod
     def tiny(cls, **overrides):
         return cls(**{"r": 4, "alpha": 8.0, "dropout": 0.0, **overrides})
-
-
-class Dropout(nn.Dropout):
-    """nn.Dropout whose mask comes from 32 random bits per element compared with p * 2^32 (two
-    elements per int64 draw), in place of bernoulli_: the same distribution (keep probability 1 - p
-    to within 2^-32; torch.rand's fp32 draws resolve 2^-24) at half the CPU time, which matters
-    because each of the seven adapters of a layer draws a mask of its whole input. Masks differ from
-    torch's for the same seed: only the distribution is the same."""
-
-    def forward(self, x):
-        if not self.training or self.p == 0:
-            return x
-        n = x.numel()
-        bits = torch.randint(-2 ** 63, 2 ** 63 - 1, ((n + 1) // 2,), dtype=torch.int64, device=x.device)
-        keep = bits.view(torch.int32)[:n].view(x.shape) >= round(self.p * 2 ** 32) - 2 ** 31
-        return x * keep * (1.0 / (1.0 - self.p))
 
 
 class LoRALinear(nn.Module):
@@ -107,7 +92,7 @@ class LoRALinear(nn.Module):
         kw = dict(bias=False, device=base.weight.device, dtype=dtype)
         self.lora_A = nn.Linear(self.in_features, r, **kw)   # weight (r, in)
         self.lora_B = nn.Linear(r, self.out_features, **kw)  # weight (out, r)
-        self.dropout = Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.dropout = Dropout(dropout) if dropout > 0 else nn.Identity()  # fast.Dropout: nn.Dropout, faster
         self.merged = False
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B.weight)
@@ -115,15 +100,9 @@ class LoRALinear(nn.Module):
     def forward(self, x):
         if self.merged:  # B A already folded into W
             return linear(x, self.weight, self.bias)
-        shape = (*x.shape[:-1], self.out_features)
-        x = x.reshape(-1, self.in_features)
-        y = linear(x, self.weight, self.bias)  # (N, out)
-        # dropout only on the adapter's input: the frozen path sees x untouched. The scaling is
-        # applied to the (N, r) product, not to the (N, out) one: r multiplications per row, not out
-        z = self.lora_A(self.dropout(x).to(self.lora_A.weight.dtype)) * self.scaling  # (N, r)
-        if z.dtype == y.dtype:  # fp32, or bf16 under autocast: accumulate B z into y in the same GEMM
-            return y.addmm_(z, self.lora_B.weight.t().to(y.dtype)).reshape(shape)
-        return (y + self.lora_B(z).to(y.dtype)).reshape(shape)  # bf16 base without autocast: B z in fp32
+        # W x + scaling * B(A(dropout(x))), dropout on the adapter's input only (fast.lora_linear:
+        # that sum with B z accumulated into W x in one GEMM)
+        return lora_linear(x, self.weight, self.bias, self.lora_A, self.lora_B, self.scaling, self.dropout)
 
     def delta_weight(self):
         return (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scaling  # (out, in)

@@ -2,36 +2,43 @@
 
 FairLLaVA (CVPR 2026, arXiv 2603.26008) fine-tunes LLaVA-Rad: a Vicuna-7B-v1.5 language model
 (the Llama-2 architecture) that reads the patch tokens of a frozen BiomedCLIP vision tower through
-a two-layer MLP "projector" (Sec. 3, "Overall architecture"). This file holds all three, plus what
-is needed to use them for real:
+a two-layer MLP "projector" (Sec. 3, "Overall architecture"). This file holds the architecture:
 
-- `LlamaConfig` / `Llama`: RMSNorm, rotary embeddings, grouped-query attention with a KV cache,
-  SwiGLU MLP. Module names mirror the Hugging Face keys exactly, so an HF checkpoint loads with a
-  strict `load_state_dict` and no key map.
+- `LlamaConfig` / `Llama`: RMSNorm, rotary embeddings, grouped-query attention (with an optional
+  KV cache), SwiGLU MLP. Module names mirror the Hugging Face keys exactly, so an HF checkpoint
+  loads with a strict `load_state_dict` and no key map.
 - `VisionConfig` / `VisionTransformer`: a timm-layout ViT whose hyper-parameters are read off the
   checkpoint's tensor shapes (stock BiomedCLIP ViT-B/16 at 224 px, LLaVA-Rad's ViT-B/14 at 518 px).
 - `LlavaModel`: image patch tokens -> `mm_projector` -> spliced into the text embeddings where
   input_ids holds the image sentinel -200 (LLaVA's convention).
 - the LM loss: `lm_loss` on logits (the definition), `causal_lm_loss` on the last hidden state
   (what training uses: the same number without ever holding the (B, T, vocab) logits).
-- loading (local folder or hub id; safetensors or pickled .bin, sharded or not) and `generate`
-  (greedy or sampled, batched, KV cache; one fixed-shape `decode_step`, which torch.compile can
-  capture). The tokenizer and the conversation template are in data.py.
 
-Run `python model.py` for a smoke test: a tiny random LLaVA does a forward pass and greedy
-generation on CPU in about a second.
+Elsewhere:
+- checkpoint.py: loading and saving the official layouts (HF Llama folders or hub ids, safetensors
+  or pickled .bin, sharded or not; the open_clip vision tower; LLaVA's projector), `load_llava`,
+  and the one strict-load reporter `check_state_dict`.
+- generate.py: `KVCache` (what Llama.forward's `cache` argument takes), `generate` and the
+  fixed-shape `decode_step` torch.compile captures; `python generate.py --llm ... --prompt ...`.
+- fast.py: the speed paths, each beside the plain version it replaces: `Linear` (nn.Linear, faster
+  for few-row products on CPU), the chunked cross-entropy behind `causal_lm_loss`, LoRA's dropout
+  and fused forward.
+- data.py: the tokenizer and the conversation template.
+
+Run `python model.py` for a smoke test: a tiny random LLaVA does a forward pass with the LM loss
+on CPU in about a second.
 """
 
-import json
 import math
-import re
 from dataclasses import dataclass, fields
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
+
+# Linear is nn.Linear (same parameters and keys) with a faster CPU path for few-row products
+from fast import LOSS_CHUNK_ELEMENTS, Linear, linear_cross_entropy
 
 IMAGE_TOKEN_INDEX = -200  # sentinel id standing for "the image goes here" in input_ids
 IGNORE_INDEX = -100  # label value that the LM loss skips
@@ -119,30 +126,6 @@ class LlamaConfig:
         return d
 
 
-def linear(x, weight, bias=None):
-    """F.linear, except for a few rows on CPU (decoding: one token per sample), computed as
-    (W x^T)^T. The same products and sums; on CPU (MKL) F.linear's kernel for 2-16 rows is up to 3x
-    slower than this orientation for the same product (lm_head, 4 rows: 10.4 vs 3.4 ms), and
-    decoding a batch is almost nothing but such products (bench/bench_speed.py). That kernel's
-    rounding depends on where W starts in memory, so it is used only for 64-byte-aligned weights
-    (every tensor torch allocates; assign_checkpoint re-allocates loaded ones that are not): the same
-    weights then give the same bits wherever they live."""
-    rows = x.numel() // max(x.shape[-1], 1)
-    if x.device.type != "cpu" or rows > 16 or x.dim() < 2 or \
-            (not torch.compiler.is_compiling() and weight.data_ptr() % 64):  # (no addresses while tracing)
-        return F.linear(x, weight, bias)
-    y = (weight @ x.reshape(rows, x.shape[-1]).T).T
-    if bias is not None:
-        y = y + bias
-    return y.reshape(*x.shape[:-1], weight.shape[0])
-
-
-class Linear(nn.Linear):
-    """nn.Linear (same parameters and keys) through `linear`."""
-
-    def forward(self, x):
-        return linear(x, self.weight, self.bias)
-
 
 class RMSNorm(nn.Module):
     def __init__(self, dim, eps):
@@ -176,35 +159,6 @@ def apply_rope(x, cos, sin):
     # x (B, nh, T, hd); cos/sin (B, T, hd). HF checkpoints permute q/k weights for this
     # half-split convention, so no permutation is needed at load time.
     return x * cos[:, None] + rotate_half(x) * sin[:, None]
-
-
-class KVCache:
-    """Pre-allocated keys/values for every layer; `length` tokens are filled so far.
-
-    With `slot` set (a (1,) long tensor), update writes the one new token at that slot and returns
-    the whole buffers: every decode step then has the same shapes whatever its position, which is
-    what lets torch.compile capture one step for all of them (`decode_step`)."""
-
-    def __init__(self, cfg, batch_size, max_length, device, dtype):
-        shape = (batch_size, cfg.num_key_value_heads, max_length, cfg.head_dim)
-        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
-        self.length = 0
-        self.max_length = max_length
-        self.slot = None
-
-    def update(self, layer, k, v):
-        if self.slot is not None:
-            self.k[layer].index_copy_(2, self.slot, k)
-            self.v[layer].index_copy_(2, self.slot, v)
-            return self.k[layer], self.v[layer]
-        T = k.shape[2]
-        if self.length + T > self.max_length:
-            raise ValueError(f"KV cache overflow: {self.length}+{T} > max_length {self.max_length}")
-        self.k[layer][:, :, self.length:self.length + T] = k
-        self.v[layer][:, :, self.length:self.length + T] = v
-        end = self.length + T
-        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
 
 class Attention(nn.Module):
@@ -509,19 +463,17 @@ def lm_loss(logits, labels, sample_weight=None, normalizer=None):
     return (tok * w).sum() / (w.sum().clamp(min=1e-8) if normalizer is None else normalizer)
 
 
-LOSS_CHUNK_ELEMENTS = 2 ** 24  # logits per chunk of causal_lm_loss: 64 MiB in fp32 (512 rows at vocabulary 32000)
-
-
 def causal_lm_loss(hidden, lm_head_weight, labels, sample_weight=None, normalizer=None,
                    chunk_elements=LOSS_CHUNK_ELEMENTS):
     """lm_loss(hidden @ lm_head_weight^T, labels, sample_weight, normalizer), computed without the
     (B, T, vocab) logits: only the supervised positions (labels[t + 1] != IGNORE_INDEX) go through
-    lm_head, a chunk of rows at a time, and each chunk's gradient is formed while its logits exist:
+    lm_head, a chunk of rows at a time (fast.linear_cross_entropy), and each chunk's gradient is
+    formed while its logits exist:
 
         d loss / d logits_i = w_i (softmax(logits_i) - onehot(y_i)),   w_i = token weight / denominator
 
     so what outlives a chunk is the gradient for its rows of `hidden` (and for lm_head_weight,
-    when it is trained), not the logits. Equal to lm_loss to fp32 rounding (tests/test_model.py);
+    when it is trained), not the logits. Equal to lm_loss to fp32 rounding (tests/test_fast.py);
     in LLaVA training most positions (image patches, prompt) are not supervised and never reach
     lm_head. The logits are computed in the dtype autocast gives F.linear and the cross-entropy in
     fp32, as lm_loss does after `.float()`. Differentiable once (no double backward)."""
@@ -531,54 +483,7 @@ def causal_lm_loss(hidden, lm_head_weight, labels, sample_weight=None, normalize
     w = sel.float() if sample_weight is None else sel * sample_weight.float()[:, None]
     w = w / (w.sum().clamp(min=1e-8) if normalizer is None else normalizer)
     rows, targets, w = hidden[:, :-1][sel], labels[:, 1:][sel], w[sel]  # (N, H), (N,), (N,)
-    chunk = max(1, chunk_elements // lm_head_weight.shape[0])
-    if torch.is_grad_enabled() and (rows.requires_grad or lm_head_weight.requires_grad):
-        return _LinearCrossEntropy.apply(rows, lm_head_weight, targets, w, chunk)
-    return sum((_chunk_loss(rows[s:s + chunk], lm_head_weight, targets[s:s + chunk], w[s:s + chunk])[0]
-                for s in range(0, len(rows), chunk)), torch.zeros((), device=hidden.device))
-
-
-def _chunk_loss(h, weight, targets, w):
-    """-> (sum_i w_i CE_i, d that / d logits), for one chunk of rows. One exp per logit: the
-    probabilities are exp(z - max) / s, the log-sum-exp is max + log s."""
-    z = F.linear(h, weight).float()  # (C, V)
-    z_target = z.gather(1, targets[:, None]).squeeze(1)
-    top = z.amax(1, keepdim=True)
-    z.sub_(top).exp_()  # unnormalised probabilities, in the logits' memory
-    s = z.sum(1, keepdim=True)
-    loss = ((top + s.log()).squeeze(1) - z_target).mul(w).sum()
-    z.mul_(w[:, None] / s)  # w_i softmax_i ...
-    z[torch.arange(len(targets), device=z.device), targets] -= w  # ... minus w_i onehot(y_i)
-    return loss, z
-
-
-class _LinearCrossEntropy(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, rows, weight, targets, w, chunk):
-        grad_rows = torch.empty_like(rows) if ctx.needs_input_grad[0] else None
-        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) \
-            if ctx.needs_input_grad[1] else None
-        total = torch.zeros((), device=rows.device)
-        for s in range(0, len(rows), chunk):
-            h = rows[s:s + chunk]
-            loss, g = _chunk_loss(h, weight, targets[s:s + chunk], w[s:s + chunk])
-            total += loss
-            if grad_rows is not None:
-                grad_rows[s:s + chunk] = g.to(h.dtype) @ weight
-            if grad_weight is not None:
-                grad_weight += g.t() @ h.float()
-            del g  # one chunk's logits alive at a time
-        ctx.save_for_backward(grad_rows, grad_weight)
-        ctx.weight_dtype = weight.dtype
-        return total
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_loss):
-        grad_rows, grad_weight = ctx.saved_tensors
-        return (None if grad_rows is None else grad_rows * grad_loss.to(grad_rows.dtype),
-                None if grad_weight is None else (grad_weight * grad_loss).to(ctx.weight_dtype),
-                None, None, None)
+    return linear_cross_entropy(rows, lm_head_weight, targets, w, chunk_elements)
 
 
 def supervised_weight(labels, sample_weight=None):
@@ -656,322 +561,6 @@ class LlavaModel(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------
-# Generation
-
-
-def _sample(logits, temperature, top_p, generator):
-    if temperature <= 0:
-        return logits.argmax(-1)
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
-    if top_p < 1.0:  # nucleus: keep the smallest set of tokens whose mass reaches top_p
-        sp, idx = probs.sort(-1, descending=True)
-        drop = sp.cumsum(-1) - sp > top_p
-        sp = sp.masked_fill(drop, 0)
-        probs = torch.zeros_like(probs).scatter(-1, idx, sp)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-
-
-def decode_step(llm, tokens, positions, key_mask, cache):
-    """One new token per sample at fixed shapes -> its logits (B, vocab). tokens, positions (B, 1);
-    key_mask (B, S) bool, the cache slots each sample attends to (its real tokens so far and this
-    one); the token is written at cache.slot. The attention runs over all S slots with the unused
-    ones masked out, so no shape depends on the step: torch.compile captures this once."""
-    x = llm.model.embed_tokens(tokens)
-    cos, sin = rope_cos_sin(positions, llm.config.head_dim, llm.config.rope_theta, x.dtype)
-    mask = key_mask[:, None, None, :]
-    for i, layer in enumerate(llm.model.layers):
-        x = layer(x, cos, sin, mask, cache, i)
-    return llm.lm_head(llm.model.norm(x))[:, -1]
-
-
-_compiled_decode_step = None
-
-
-@torch.no_grad()
-def generate(model, prompts, pixel_values=None, max_new_tokens=256, temperature=0.0, top_p=1.0,
-             eos_token_id=2, pad_token_id=0, generator=None, compile=False):
-    """Decode a batch of prompts (lists of ids; -200 marks the image for a LlavaModel) with a KV
-    cache. Prompts are left-padded so every sample's next token sits in the last column. Returns
-    the new tokens of each sample, cut before its first EOS. Greedy when temperature is 0.
-    compile=True runs the decode steps through torch.compile(decode_step): the first call per batch
-    size and length compiles (tens of seconds on CPU), later ones reuse it."""
-    global _compiled_decode_step
-    llm = model.llm if isinstance(model, LlavaModel) else model
-    device = next(model.parameters()).device
-    B, L = len(prompts), max(len(p) for p in prompts)
-    ids = torch.full((B, L), pad_token_id, dtype=torch.long, device=device)
-    mask = torch.zeros(B, L, dtype=torch.long, device=device)
-    for b, p in enumerate(prompts):
-        ids[b, L - len(p):] = torch.tensor(p, dtype=torch.long)
-        mask[b, L - len(p):] = 1
-    if isinstance(model, LlavaModel):
-        embeds, mask, _, _ = model.prepare_inputs(ids, pixel_values, mask)
-    else:
-        embeds = llm.model.embed_tokens(ids)
-    dtype = llm.model.embed_tokens.weight.dtype
-    P = embeds.shape[1]  # prompt length after the image is spliced in
-    cache = KVCache(llm.config, B, P + max_new_tokens, device, dtype)
-    logits = llm(inputs_embeds=embeds.to(dtype), attention_mask=mask, cache=cache, last_only=True)[:, -1]
-    # decode: the cache slot, each sample's position and the slots it may see, all as tensors
-    cache.slot = torch.tensor([P], device=device)
-    positions = mask.sum(1, keepdim=True)  # (B, 1): real tokens so far = the next token's position
-    key_mask = torch.zeros(B, P + max_new_tokens, dtype=torch.bool, device=device)
-    key_mask[:, :P] = mask.bool()
-    if compile and _compiled_decode_step is None:
-        _compiled_decode_step = torch.compile(decode_step)
-    step = _compiled_decode_step if compile else decode_step
-    out = torch.full((B, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
-    done = torch.zeros(B, dtype=torch.bool, device=device)
-    i = -1
-    for i in range(max_new_tokens):
-        nxt = _sample(logits, temperature, top_p, generator).masked_fill(done, pad_token_id)
-        out[:, i] = nxt
-        done |= nxt == eos_token_id
-        if bool(done.all()) or i == max_new_tokens - 1:
-            break
-        key_mask[:, P + i] = True
-        logits = step(llm, nxt[:, None], positions, key_mask, cache)
-        positions += 1
-        cache.slot += 1
-    results = []
-    for row in out[:, :i + 1].tolist():
-        results.append(row[:row.index(eos_token_id)] if eos_token_id in row else row)
-    return results
-
-
-# ----------------------------------------------------------------------------------------------
-# Checkpoint loading
-
-
-def resolve_path(path_or_repo, allow_patterns=None, cache_only=False):
-    """A local file/folder, or a hub repo id fetched (or found in the local cache) through
-    huggingface_hub. Nothing here is needed by the tests or the demo, which use local folders.
-    cache_only: never download (the preflight checks what is already here, in seconds)."""
-    p = Path(path_or_repo).expanduser()
-    if p.exists():
-        return p
-    if not re.fullmatch(r"[\w.-]+/[\w.-]+", str(path_or_repo)):
-        raise FileNotFoundError(f"{path_or_repo}: no such file or folder (and not a hub repo id 'org/name')")
-    try:
-        from huggingface_hub import snapshot_download
-        return Path(snapshot_download(str(path_or_repo), allow_patterns=allow_patterns, local_files_only=cache_only))
-    except Exception as e:  # offline, unknown repo, gated...: say which and why
-        how = "is not in the local hub cache (download it first)" if cache_only else "the hub download failed"
-        raise FileNotFoundError(f"{path_or_repo}: not a local path, and {how}: {e}") from e
-
-
-def load_tensors(path):
-    """One weights file -> {key: tensor}. Pickled .bin files load with weights_only=True (no code
-    runs from the file) and mmap=True (tensors stay on disk until used)."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: weights file not found")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-            return load_file(str(path))
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as e:
-        raise CheckpointError(f"{path}: could not read weights ({type(e).__name__}: {e})") from e
-
-
-def weight_files(folder):
-    """The weight files of an HF model folder: sharded (index json) or single, safetensors first."""
-    folder = Path(folder)
-    for index, single in (("model.safetensors.index.json", "model.safetensors"),
-                          ("pytorch_model.bin.index.json", "pytorch_model.bin")):
-        if (folder / index).is_file():
-            weight_map = json.loads((folder / index).read_text())["weight_map"]
-            return [folder / f for f in sorted(set(weight_map.values()))]
-        if (folder / single).is_file():
-            return [folder / single]
-    raise CheckpointError(f"{folder}: no weights found (looked for model.safetensors[.index.json] "
-                          f"and pytorch_model.bin[.index.json])")
-
-
-def _listed(items, n=8, sep=", "):
-    """The first n of the sorted items, then how many there are in all."""
-    items = sorted(items)
-    return sep.join(items[:n]) + (f" ... ({len(items)} in all)" if len(items) > n else "")
-
-
-def check_state_dict(expected, got, source):
-    """The project's one strict-load check: raise CheckpointError naming the source and every
-    missing, unexpected and mis-shaped key of `got` ({key: tensor}) against `expected`."""
-    missing = expected.keys() - got.keys()
-    unexpected = got.keys() - expected.keys()
-    shapes = [f"{k}: checkpoint {tuple(got[k].shape)} vs model {tuple(expected[k].shape)}"
-              for k in expected.keys() & got.keys() if got[k].shape != expected[k].shape]
-    if missing or unexpected or shapes:
-        msg = [f"{source}: checkpoint does not match the model"]
-        if missing:
-            msg.append(f"missing keys: {_listed(missing)}")
-        if unexpected:
-            msg.append(f"unexpected keys: {_listed(unexpected)}")
-        if shapes:
-            msg.append(f"shape mismatches: {_listed(shapes, sep='; ')}")
-        raise CheckpointError("\n  ".join(msg))
-
-
-def assign_checkpoint(module, sd, source):
-    """Strict load with a readable error (check_state_dict). `assign=True` makes a model built on
-    the meta device take the loaded tensors themselves, so a 7B load holds one copy of the
-    weights, not two."""
-    check_state_dict(module.state_dict(keep_vars=True), sd, source)
-    for k, v in sd.items():  # tensors read from a file can start anywhere: align them (see `linear`)
-        if v.device.type == "cpu" and v.data_ptr() % 64:
-            sd[k] = v.clone()  # one tensor at a time: its unaligned copy is freed as the next is made
-    module.load_state_dict(sd, strict=True, assign=True)
-
-
-def _cast(sd, dtype, device="cpu"):
-    return {k: (v.to(device=device, dtype=dtype) if v.is_floating_point() else v) for k, v in sd.items()}
-
-
-def read_llama_config(folder):
-    """folder/config.json -> LlamaConfig; a missing or malformed file is a CheckpointError naming it."""
-    cfg_path = Path(folder) / "config.json"
-    if not cfg_path.is_file():
-        raise CheckpointError(f"{folder}: config.json not found")
-    try:
-        raw = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{cfg_path}: not valid JSON ({e})") from None
-    if not isinstance(raw, dict):
-        raise CheckpointError(f"{cfg_path}: expected a JSON object of model settings, got {type(raw).__name__}")
-    return LlamaConfig.from_hf_config(raw, source=str(cfg_path))
-
-
-def _llama_keys(sd, cfg):
-    """The checkpoint's tensors as the model names them: old HF checkpoints saved the rotary
-    inv_freq buffer (we recompute it), and a tied checkpoint may omit lm_head."""
-    sd = {k: v for k, v in sd.items() if not k.endswith("rotary_emb.inv_freq")}
-    if cfg.tie_word_embeddings and "lm_head.weight" not in sd and "model.embed_tokens.weight" in sd:
-        sd["lm_head.weight"] = sd["model.embed_tokens.weight"]
-    return sd
-
-
-def load_llama(path_or_repo, dtype=torch.float32, device="cpu"):
-    """An HF Llama/Vicuna folder or hub id -> Llama. Built on the meta device, then the checkpoint's
-    tensors are assigned shard by shard (cast to dtype), so memory peaks at one copy."""
-    folder = resolve_path(path_or_repo, ["*.json", "*.safetensors", "*.bin", "tokenizer*"])
-    cfg = read_llama_config(folder)
-    with torch.device("meta"):
-        model = Llama(cfg)
-    sd = {}
-    for f in weight_files(folder):  # cast shard by shard: the uncast copy of one shard at most
-        shard = {k: v for k, v in load_tensors(f).items() if not k.endswith("rotary_emb.inv_freq")}
-        sd.update(_cast(shard, dtype, device))
-    assign_checkpoint(model, _llama_keys(sd, cfg), str(folder))
-    if cfg.tie_word_embeddings:  # assign replaced the Parameter objects; tie them again
-        model.lm_head.weight = model.model.embed_tokens.weight
-    return model
-
-
-def save_llama(model, folder):
-    """Write an HF-layout folder: config.json + model.safetensors."""
-    from safetensors.torch import save_file
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "config.json").write_text(json.dumps(model.config.to_hf_config(), indent=2))
-    sd = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    if model.config.tie_word_embeddings:
-        sd.pop("lm_head.weight")
-    save_file(sd, str(folder / "model.safetensors"), metadata={"format": "pt"})
-
-
-def _vision_file(path):
-    path = Path(path)
-    if path.is_file():
-        return path
-    for name in ("open_clip_pytorch_model.bin", "open_clip_model.safetensors", "pytorch_model.bin"):
-        if (path / name).is_file():
-            return path / name
-    raise CheckpointError(f"{path}: no vision checkpoint (looked for open_clip_pytorch_model.bin, "
-                          f"open_clip_model.safetensors, pytorch_model.bin)")
-
-
-def _vision_heads(f, num_heads):
-    """num_heads if given, else the `heads` of open_clip_config.json's vision_cfg beside the weights."""
-    config_file = Path(f).parent / "open_clip_config.json"
-    if num_heads is None and config_file.is_file():
-        try:
-            num_heads = json.loads(config_file.read_text())["model_cfg"]["vision_cfg"].get("heads")
-        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
-            raise CheckpointError(f"{config_file}: expected model_cfg.vision_cfg in open_clip's layout ({e!r})") from None
-    return num_heads
-
-
-def _vision_trunk(sd, f):
-    """The `visual.trunk.*` tensors of an open_clip state dict (a `state_dict` wrapper and a DDP
-    `module.` prefix allowed), with that prefix removed."""
-    if "state_dict" in sd and isinstance(sd["state_dict"], dict):
-        sd = sd["state_dict"]
-    prefix = "visual.trunk."
-    trunk = {}
-    for k, v in sd.items():
-        k = k[len("module."):] if k.startswith("module.") else k
-        if k.startswith(prefix):
-            trunk[k[len(prefix):]] = v
-    if not trunk:
-        raise CheckpointError(f"{f}: no '{prefix}*' tensors (is this an open_clip ViT checkpoint?)")
-    return trunk
-
-
-def _vision_config(trunk, num_heads, f):
-    if "cls_token" in trunk and num_heads is not None:
-        return VisionConfig.from_state_dict(trunk, head_dim=trunk["cls_token"].shape[-1] // num_heads, source=str(f))
-    return VisionConfig.from_state_dict(trunk, source=str(f))
-
-
-def load_vision_tower(path_or_repo, dtype=torch.float32, num_heads=None):
-    """An open_clip checkpoint (BiomedCLIP, or LLaVA-Rad's BiomedCLIP-CXR) -> VisionTransformer.
-    Accepts a `state_dict` wrapper and a DDP `module.` prefix; keeps the `visual.trunk.` tensors.
-    The head count is the one thing the shapes do not show: num_heads if given, else the `heads` of
-    the vision_cfg in open_clip_config.json beside the weights when it names one, else width / 64
-    (every ViT-B, BiomedCLIP's included: its config names a timm model, not a head count)."""
-    f = _vision_file(resolve_path(path_or_repo, ["*.json", "*.bin", "*.safetensors"]))
-    num_heads = _vision_heads(f, num_heads)
-    trunk = _vision_trunk(load_tensors(f), f)
-    cfg = _vision_config(trunk, num_heads, f)
-    with torch.device("meta"):
-        vit = VisionTransformer(cfg)
-    assign_checkpoint(vit, _cast(trunk, dtype), str(f))
-    return vit.requires_grad_(False)
-
-
-def _projector_keys(sd, path):
-    """Any key ending in `mm_projector.{0,2}.{weight,bias}`, whatever its prefix, without the prefix."""
-    found = {k.split("mm_projector.", 1)[1]: v for k, v in sd.items() if "mm_projector." in k}
-    if not found:
-        raise CheckpointError(f"{path}: no 'mm_projector.*' keys (found: {_listed(sd)})")
-    return found
-
-
-def load_projector(projector, path):
-    """Fill an mm_projector from `mm_projector.bin` or LLaVA-Rad's `non_lora_trainables.bin`:
-    any key ending in `mm_projector.{0,2}.{weight,bias}`, whatever its prefix."""
-    found = _projector_keys(load_tensors(path), path)
-    dtype = projector[0].weight.dtype
-    assign_checkpoint(projector, _cast(found, dtype), str(path))
-    return projector
-
-
-def load_llava(llm_path, vision_path, projector_path=None, dtype=torch.float32, device="cpu",
-               vision_heads=None):
-    """Vicuna + BiomedCLIP tower (+ a trained projector) -> LlavaModel, one copy of each weight."""
-    llm = load_llama(llm_path, dtype=dtype, device=device)
-    vit = load_vision_tower(vision_path, dtype=dtype, num_heads=vision_heads).to(device)
-    with torch.device("meta"):
-        model = LlavaModel(llm.config, vit.config)
-    model.llm, model.vision_tower = llm, vit
-    model.mm_projector = build_projector(vit.config.width, llm.config.hidden_size).to(device=device, dtype=dtype)
-    if projector_path is not None:
-        load_projector(model.mm_projector, projector_path)
-    return model
-
-
-# ----------------------------------------------------------------------------------------------
 # A tiny model for tests and the smoke demo
 
 
@@ -987,10 +576,12 @@ if __name__ == "__main__":
     model = tiny_llava().eval()
     n = sum(p.numel() for p in model.parameters())
     pixels = torch.randn(2, 3, 32, 32)
-    prompts = [[1, 5, 6, IMAGE_TOKEN_INDEX, 7, 8, 9], [1, 10, IMAGE_TOKEN_INDEX, 11]]
-    out = generate(model, prompts, pixels, max_new_tokens=12, eos_token_id=-1)
-    print(f"tiny random LLaVA ({n:,} parameters): forward + greedy generation of 12 tokens per prompt")
-    for p, o in zip(prompts, out):
-        print(f"  prompt {p} -> {o}")
-    print(f"done in {time.time() - t0:.2f}s (random weights: the tokens are meaningless; "
-          f"`python demo.py` trains and evaluates a real tiny model)")
+    ids = torch.tensor([[1, 5, 6, IMAGE_TOKEN_INDEX, 7, 8, 9], [1, 10, IMAGE_TOKEN_INDEX, 11, 12, 13, 14]])
+    labels = torch.tensor([[IGNORE_INDEX] * 5 + [8, 9], [IGNORE_INDEX] * 4 + [12, 13, 14]])
+    with torch.no_grad():
+        out = model(ids, pixels, labels=labels, return_logits=True)
+    print(f"tiny random LLaVA ({n:,} parameters): 2 prompts of 7 tokens, the image sentinel spliced into "
+          f"{out.image_mask.sum(1).tolist()} patch tokens each -> logits {tuple(out.logits.shape)}, LM loss "
+          f"{out.loss.item():.3f} (log {model.llm.config.vocab_size} = {math.log(model.llm.config.vocab_size):.3f})")
+    print(f"done in {time.time() - t0:.2f}s (random weights; `python generate.py --llm FOLDER --prompt TEXT` "
+          f"continues a prompt with a real model, `python demo.py` trains and evaluates a tiny one)")

@@ -35,9 +35,10 @@ from data import DataError, ImageProcessor, nearest_existing, group_names, load_
 from fairness import FairnessRegularizer
 from lora import _adapter_weights, _from_peft_key, _lora_config_of, _read_adapter_config, apply_lora, count_parameters, \
     lora_state_dict, mark_only_lora_as_trainable, LoRAConfig
-from model import (LOSS_CHUNK_ELEMENTS, CheckpointError, Llama, LlamaConfig, LlavaModel, VisionConfig, VisionTransformer,
-                   _llama_keys, _projector_keys, _vision_config, _vision_file, _vision_heads, _vision_trunk,
-                   build_projector, check_state_dict, read_llama_config, resolve_path, weight_files)
+from checkpoint import (_llama_keys, _projector_keys, _vision_config, _vision_file, _vision_heads, _vision_trunk,
+                        check_state_dict, read_llama_config, resolve_path, weight_files)
+from fast import LOSS_CHUNK_ELEMENTS
+from model import CheckpointError, Llama, LlamaConfig, LlavaModel, VisionConfig, VisionTransformer, build_projector
 from train_io import check_out, check_resume_flags
 
 GIB = 1024 ** 3

@@ -41,7 +41,8 @@ from config import TrainConfig, parse_args
 from data import load_tokenizer
 from fairness import FairnessRegularizer
 from lora import apply_lora, load_peft_adapter, mark_only_lora_as_trainable
-from model import load_llava, load_projector, supervised_weight
+from checkpoint import load_llava, load_projector
+from model import supervised_weight
 from monitor import Monitor
 from preflight import check_tokenizer, check_train_run, dry_run
 from train_io import atomic_save, bad_item_stop, check_out, export, report_text, restore_checkpoint, save_checkpoint, \

@@ -27,7 +27,7 @@ import torch.distributed as dist
 import data
 from config import NESTED
 from lora import lora_state_dict, save_peft_adapter
-from model import check_state_dict
+from checkpoint import check_state_dict
 
 
 def rng_state():

@@ -14,7 +14,7 @@ the ratio of the medians are printed:
            gradient checkpointing (the official setting).
   forward  eval-mode no_grad logits of the base model for the 4 x 256 block.
   generate batched greedy decoding with a KV cache, 4 prompts x (32 + 64 new tokens), exactly 64
-           tokens each (no EOS): `model.generate` vs HF `generate(do_sample=False)`.
+           tokens each (no EOS): `generate.generate` vs HF `generate(do_sample=False)`.
   generate compiled   the same with torch.compile: ours `generate(..., compile=True)` (one
            static-shape decode step, captured once), HF `generate(cache_implementation="static")`
            with its own compile config forced on for the CPU, in the same mode as ours ("default";
@@ -49,6 +49,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import checkpoint  # noqa: E402
+import generate  # noqa: E402
 import model as fl  # noqa: E402
 from lora import LoRAConfig, apply_lora, mark_only_lora_as_trainable, trainable_parameters  # noqa: E402
 
@@ -114,7 +116,7 @@ def build(a):
             if p.ndim == 2:
                 p.normal_(0.0, 0.02)
     with tempfile.TemporaryDirectory() as tmp:
-        fl.save_llama(ours, tmp)
+        checkpoint.save_llama(ours, tmp)
         hf = LlamaForCausalLM.from_pretrained(tmp, attn_implementation="sdpa", dtype=torch.float32)
     hf.generation_config.eos_token_id = None  # never stop early; ours gets eos -1
     hf.generation_config.pad_token_id = cfg.pad_token_id
@@ -318,7 +320,7 @@ def main():
         from transformers import CompileConfig
 
         def gen_o():
-            return fl.generate(a.base_ours, prompt.tolist(), max_new_tokens=a.new_tokens, eos_token_id=-1,
+            return generate.generate(a.base_ours, prompt.tolist(), max_new_tokens=a.new_tokens, eos_token_id=-1,
                                pad_token_id=cfg.pad_token_id, compile=compiled)
 
         extra = {}

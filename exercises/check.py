@@ -6,10 +6,11 @@
 
 A solution file is a copy of exercises/templates/<exercise>.py with the function bodies written.
 Each check feeds random and edge-case inputs to your function and to the project's code
-(exercises/reference.py: model.py, lora.py, fairness.py, metrics.py, data.py behind the exercise's
-interface), adds an independent oracle where there is one (sacreBLEU, a full forward pass without a
-cache, the gradient of one process on the whole batch), and stops at the first difference with a
-message saying which case failed and what it tests. Every check takes about a second or less on a CPU.
+(exercises/reference.py: model.py, generate.py, lora.py, fairness.py, metrics.py, data.py behind
+the exercise's interface), adds an independent oracle where there is one (sacreBLEU, a full forward
+pass without a cache, the gradient of one process on the whole batch), and stops at the first
+difference with a message saying which case failed and what it tests. Every check takes about a
+second or less on a CPU.
 """
 
 import argparse
@@ -367,7 +368,7 @@ def check_bleu(m, ref):
 def check_grad_accumulation(m, ref):
     import model
     g = gen(6)
-    V, D, world, accum = 11, 8, 2, 2
+    V, D, world = 11, 8, 2
     net = build(1, lambda: nn.Sequential(nn.Embedding(V, D), nn.Linear(D, V)))
     # 2 ranks x 2 micro-batches of 2 sequences; lengths and supervised-token counts all differ, and
     # some sequences supervise position 0 (which is never a target: nothing predicts it)

@@ -14,6 +14,7 @@ import torch.nn as nn
 
 import data
 import fairness
+import generate
 import metrics
 import model
 from lora import LoRALinear
@@ -68,7 +69,7 @@ def attention(x, wq, wk, wv, wo, n_head, n_kv, cos, sin, mask=None):
         return attn(x, cos, sin, mask)
 
 
-KVCache = model.KVCache
+KVCache = generate.KVCache
 
 
 def _lora_layer(weight, bias, lora_A, lora_B, alpha):

@@ -18,9 +18,10 @@ import torch
 from PIL import Image
 
 import evaluate as E
+from checkpoint import save_llama
 from data import conversation_prompt, read_llava_json
 from lora import LoRAConfig, apply_lora, lora_layers, save_peft_adapter
-from model import LlamaConfig, save_llama, tiny_llava
+from model import LlamaConfig, tiny_llava
 from synthetic import train_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -14,9 +14,11 @@ from PIL import Image
 
 import evaluate as E
 import metrics as M
+from checkpoint import save_llama
 from data import ImageProcessor, conversation_prompt, read_llava_json, tokenize_with_image
 from lora import LoRAConfig, apply_lora, lora_layers, save_peft_adapter
-from model import LlamaConfig, generate, save_llama, tiny_llava
+from generate import generate
+from model import LlamaConfig, tiny_llava
 from synthetic import train_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent

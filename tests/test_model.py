@@ -1,5 +1,6 @@
-"""model.py: Llama parity with HF transformers, KV-cache decoding, LLaVA splicing, checkpoint
-loading in the official layouts, and clear errors on bad input."""
+"""model.py, generate.py and checkpoint.py: Llama parity with HF transformers, KV-cache decoding,
+LLaVA splicing, checkpoint loading in the official layouts, and clear errors on bad input. The
+chunked loss behind causal_lm_loss is checked in test_fast.py."""
 
 import json
 import shutil
@@ -7,9 +8,10 @@ import shutil
 import pytest
 import torch
 
-from model import (IGNORE_INDEX, IMAGE_TOKEN_INDEX, CheckpointError, KVCache, Llama, LlamaConfig, LlavaModel,
-                   VisionConfig, build_projector, causal_lm_loss, check_state_dict, decode_step, generate, load_llama,
-                   load_projector, lm_loss, save_llama, tiny_llava)
+from checkpoint import check_state_dict, load_llama, load_projector, save_llama
+from generate import KVCache, decode_step, generate
+from model import (IGNORE_INDEX, IMAGE_TOKEN_INDEX, CheckpointError, Llama, LlamaConfig, LlavaModel, VisionConfig,
+                   build_projector, lm_loss, tiny_llava)
 
 CONFIGS = {
     "mha": LlamaConfig.tiny(num_key_value_heads=4),
@@ -207,69 +209,6 @@ def test_lm_loss_weighting():
     torch.testing.assert_close(lm_loss(logits, labels, torch.tensor([2.0, 2.0])), plain)
 
 
-def _loss_and_grads(fn, h0, W0):
-    h, W = h0.clone().requires_grad_(), W0.clone().requires_grad_()
-    loss = fn(h, W)
-    loss.backward()
-    return loss.detach(), h.grad, W.grad
-
-
-@pytest.mark.parametrize("chunk_elements", [1, 7 * 50, 2 ** 24])  # one row, a few rows, one chunk
-@pytest.mark.parametrize("weighting", ["plain", "sample_weight", "normalizer"])
-def test_fused_loss_equals_full_logits(chunk_elements, weighting):
-    g = torch.Generator().manual_seed(0)
-    B, T, H, V = 3, 9, 16, 50
-    h0, W0 = torch.randn(B, T, H, generator=g), torch.randn(V, H, generator=g)
-    labels = torch.randint(0, V, (B, T), generator=g)
-    labels[0, :4] = IGNORE_INDEX  # a prompt
-    labels[1, 6:] = IGNORE_INDEX  # padding
-    labels[2] = IGNORE_INDEX  # nothing supervised in this sample
-    kw = {"plain": {}, "sample_weight": {"sample_weight": torch.tensor([0.5, 2.0, 3.0])},
-          "normalizer": {"normalizer": torch.tensor(40.0)}}[weighting]
-    want = _loss_and_grads(lambda h, W: lm_loss(h @ W.T, labels, **kw), h0, W0)
-    got = _loss_and_grads(lambda h, W: causal_lm_loss(h, W, labels, chunk_elements=chunk_elements, **kw), h0, W0)
-    for a, b, what in zip(got, want, ("loss", "grad hidden", "grad lm_head")):
-        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6, msg=what)
-    with torch.no_grad():  # evaluation: the same loss, no autograd function
-        torch.testing.assert_close(causal_lm_loss(h0, W0, labels, chunk_elements=chunk_elements, **kw), want[0],
-                                   atol=1e-6, rtol=1e-6)
-
-
-def test_fused_loss_edge_cases():
-    h, W = torch.randn(2, 5, 8, requires_grad=True), torch.randn(11, 8)
-    none = torch.full((2, 5), IGNORE_INDEX)
-    loss = causal_lm_loss(h, W, none)  # nothing supervised: 0, and a zero gradient
-    loss.backward()
-    assert loss.item() == 0 and torch.equal(h.grad, torch.zeros_like(h))
-    with pytest.raises(ValueError, match="disagree"):
-        causal_lm_loss(h, W, none[:, :4])
-    # bf16 hidden state and head: the logits in bf16, the cross-entropy in fp32, like lm_loss
-    labels = torch.randint(0, 11, (2, 5))
-    hb, Wb = h.detach().bfloat16(), W.bfloat16()
-    torch.testing.assert_close(causal_lm_loss(hb, Wb, labels), lm_loss(hb @ Wb.T, labels), atol=1e-6, rtol=1e-6)
-
-
-def test_fused_loss_never_holds_the_logits():
-    """Peak memory of the loss's forward + backward: under one chunk of logits, where the full
-    cross-entropy holds several (N, V) tensors (bench/bench_speed.py's LiveBytes counter)."""
-    import importlib.util
-    import os
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "bench_speed.py")
-    spec = importlib.util.spec_from_file_location("bench_speed", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    B, T, H, V = 2, 64, 16, 1000
-    W, labels = torch.randn(V, H), torch.randint(0, V, (B, T))
-    logits_bytes = B * (T - 1) * V * 4
-    peaks = {}
-    for name, fn in (("full", lambda h: lm_loss(h @ W.T, labels)),
-                     ("fused", lambda h: causal_lm_loss(h, W, labels, chunk_elements=16 * V))):
-        h = torch.randn(B, T, H, requires_grad=True)
-        peaks[name], _ = bench.peak_tensor_memory(lambda: fn(h).backward())
-    assert peaks["full"] >= 2 * logits_bytes  # the counter sees the logits and their gradient
-    assert peaks["fused"] < 16 * V * 4 + 4 * B * T * H * 4  # one 16-row chunk + a few (B, T, H) tensors
-
-
 def test_llava_generate_matches_stepwise():
     model = tiny_llava().eval()
     pixels = torch.randn(2, 3, 32, 32)
@@ -462,7 +401,7 @@ def test_projector_from_official_files(tmp_path):
 
 def test_llava_from_loaded_parts(tmp_path):
     """load_llava puts the loaded parts together; the vision tower stays frozen."""
-    from model import load_llava
+    from checkpoint import load_llava
     llm = random_llama(LlamaConfig.tiny())
     save_llama(llm, tmp_path / "llm")
     ref = tiny_llava(llm=LlamaConfig.tiny())

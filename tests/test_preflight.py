@@ -98,7 +98,7 @@ def _vision_with(env, tmp_path, key, shape):
 
 
 def _small_llm(env, tmp_path):
-    from model import save_llama
+    from checkpoint import save_llama
     save_llama(Llama(LlamaConfig.tiny(vocab_size=256)), tmp_path / "llm")
     write_adapter(tmp_path / "adapter", LoRAConfig.tiny(), vocab=256)
     return {"llm": tmp_path / "llm", "adapter": tmp_path / "adapter"}

@@ -13,9 +13,10 @@ import struct
 import pytest
 import torch
 
+from checkpoint import load_llama
 from data import (conversation_prompt, encode_example, load_tokenizer, mimic_question, read_sentencepiece_model,
                   tokenize_with_image, tokenizer_file)
-from model import IMAGE_TOKEN_INDEX, Llama, LlamaConfig, load_llama
+from model import IMAGE_TOKEN_INDEX, Llama, LlamaConfig
 
 # ---------------------------------------------------------------------------------------------
 # .model bytes by hand: a protobuf writer for the few fields the reader looks at

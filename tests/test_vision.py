@@ -10,7 +10,7 @@ norm, which is exactly what our `select_layer` indexes (with the CLS token dropp
 import pytest
 import torch
 
-import model as fl
+import checkpoint
 from model import CheckpointError, VisionConfig, VisionTransformer
 
 # Tiny towers. The plain one has 4 heads of 16; the loader reads the head count as width / 64 unless
@@ -159,7 +159,7 @@ def test_load_with_num_heads(tmp_path):
     """A tower whose heads are not 64 wide loads right when num_heads is passed."""
     vit = random_vit(VIT_CFG, seed=4)
     torch.save({f"visual.trunk.{k}": v for k, v in vit.state_dict().items()}, tmp_path / "open_clip_pytorch_model.bin")
-    loaded = fl.load_vision_tower(tmp_path, num_heads=VIT_CFG.num_heads)
+    loaded = checkpoint.load_vision_tower(tmp_path, num_heads=VIT_CFG.num_heads)
     assert loaded.config == VIT_CFG
     x = pixels(VIT_CFG)
     assert torch.equal(loaded(x), vit(x))
@@ -177,12 +177,12 @@ def test_load_open_clip_checkpoint(tmp_path):
     sd.update({"visual.head.proj.weight": torch.randn(16, DISK_CFG.width), "logit_scale": torch.tensor(4.6),
                "text.transformer.embeddings.word_embeddings.weight": torch.randn(10, 8)})
     torch.save(sd, tmp_path / "open_clip_pytorch_model.bin")
-    loaded = fl.load_vision_tower(tmp_path)  # a folder: the file is found by name
+    loaded = checkpoint.load_vision_tower(tmp_path)  # a folder: the file is found by name
     assert loaded.config == DISK_CFG
     assert not any(p.requires_grad for p in loaded.parameters())  # frozen tower
     x = pixels(DISK_CFG)
     assert torch.equal(loaded(x), vit(x))
-    half = fl.load_vision_tower(tmp_path / "open_clip_pytorch_model.bin", dtype=torch.bfloat16)
+    half = checkpoint.load_vision_tower(tmp_path / "open_clip_pytorch_model.bin", dtype=torch.bfloat16)
     assert all(p.dtype == torch.bfloat16 for p in half.parameters())
 
 
@@ -195,7 +195,7 @@ def test_load_llava_rad_checkpoint(tmp_path):
     inner["module.visual.head.proj.weight"] = torch.randn(16, DISK_LS_CFG.width)
     path = tmp_path / "biomedclip_cxr_518.pt"
     torch.save({"state_dict": inner, "epoch": 3}, path)
-    loaded = fl.load_vision_tower(path)
+    loaded = checkpoint.load_vision_tower(path)
     c = loaded.config
     assert (c.image_size, c.patch_size, c.depth, c.width, c.mlp_dim, c.layer_scale) == (42, 14, 3, 128, 256, True)
     x = pixels(DISK_LS_CFG)
@@ -205,12 +205,12 @@ def test_load_llava_rad_checkpoint(tmp_path):
 def test_load_without_trunk_keys(tmp_path):
     torch.save({"text.proj.weight": torch.randn(4, 4), "logit_scale": torch.tensor(1.0)}, tmp_path / "clip.bin")
     with pytest.raises(CheckpointError, match=r"no 'visual\.trunk\.\*' tensors"):
-        fl.load_vision_tower(tmp_path / "clip.bin")
+        checkpoint.load_vision_tower(tmp_path / "clip.bin")
 
 
 def test_load_empty_folder(tmp_path):
     with pytest.raises(CheckpointError, match="open_clip_pytorch_model.bin"):
-        fl.load_vision_tower(tmp_path)
+        checkpoint.load_vision_tower(tmp_path)
 
 
 @pytest.mark.parametrize("key, change", [
@@ -230,7 +230,7 @@ def test_load_bad_trunk_names_the_key(tmp_path, key, change):
         sd[full] = torch.ones(DISK_CFG.width)
     torch.save(sd, tmp_path / "open_clip_pytorch_model.bin")
     with pytest.raises(CheckpointError, match=key.replace(".", r"\.")):
-        fl.load_vision_tower(tmp_path)
+        checkpoint.load_vision_tower(tmp_path)
 
 
 @pytest.mark.parametrize("shape", [(2, 3, 48, 48), (2, 1, 32, 32), (3, 32, 32)])

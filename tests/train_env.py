@@ -7,10 +7,11 @@ import torch
 
 import synthetic
 import train
+from checkpoint import save_llama
 from data import load_tokenizer
 from fairness import FairnessConfig
 from lora import LoRAConfig
-from model import Llama, LlamaConfig, VisionConfig, VisionTransformer, save_llama
+from model import Llama, LlamaConfig, VisionConfig, VisionTransformer
 
 
 def make_env(root):

@@ -1,7 +1,7 @@
 """Exercise 8 (core): the KV cache.
 
-Read: model.py `KVCache`, `Attention.forward` (where `cache.update` is called) and `Llama.forward`
-(who advances `cache.length`), then `generate`.
+Read: generate.py `KVCache`; model.py `Attention.forward` (where `cache.update` is called) and
+`Llama.forward` (who advances `cache.length`); then generate.py `generate`.
 Write: the class below. The check plugs it into the project's own Llama and compares the logits
 of prefill + chunk + one-token decoding with a full forward pass without any cache.
 Check: python exercises/check.py kv_cache path/to/your/kv_cache.py
