@@ -97,6 +97,10 @@ def assign_checkpoint(module, sd, source):
     the meta device take the loaded tensors themselves, so a 7B load holds one copy of the
     weights, not two."""
     check_state_dict(module.state_dict(keep_vars=True), sd, source)
+    # a NaN or inf weight makes every output NaN: say which tensor, rather than score empty reports
+    bad = [k for k, v in sd.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise CheckpointError(f"{source}: non-finite values (NaN or inf) in {_listed(bad)}")
     for k, v in sd.items():  # tensors read from a file can start anywhere: align them (see fast.linear)
         if v.device.type == "cpu" and v.data_ptr() % 64:
             sd[k] = v.clone()  # one tensor at a time: its unaligned copy is freed as the next is made

@@ -67,6 +67,18 @@ class LoRAConfig:
     targets: tuple[str, ...] | str = ("q_proj", "k_proj", "v_proj", "o_proj",
                                       "gate_proj", "up_proj", "down_proj")
 
+    def __post_init__(self):
+        """The one validation of LoRA settings (flags, adapter_config.json, the tests)."""
+        if isinstance(self.r, bool) or not isinstance(self.r, int) or not 1 <= self.r <= 2 ** 16:
+            raise ValueError(f"LoRA r (--lora-r) must be an integer >= 1, got {self.r!r}")
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not 0 < self.alpha < math.inf:
+            raise ValueError(f"LoRA alpha (--lora-alpha) must be a finite number > 0, got {self.alpha!r}")
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
+            raise ValueError(f"LoRA dropout (--lora-dropout) must be a number in [0, 1), got {self.dropout!r}")
+        if not (isinstance(self.targets, str) or (isinstance(self.targets, (tuple, list)) and self.targets and
+                                                   all(isinstance(t, str) for t in self.targets))):
+            raise ValueError(f"LoRA targets must be module names or one regular expression, got {self.targets!r}")
+
     @classmethod
     def tiny(cls, **overrides):
         return cls(**{"r": 4, "alpha": 8.0, "dropout": 0.0, **overrides})
@@ -300,9 +312,14 @@ def _lora_config_of(config: dict, config_path: str) -> LoRAConfig:
     for field, off in _PEFT_UNSUPPORTED.items():
         if config.get(field, off) not in (off, None):
             raise ValueError(f"{config_path}: {field}={config[field]!r} is not supported here (only {off!r})")
-    targets = config["target_modules"]
-    return LoRAConfig(r=config["r"], alpha=config["lora_alpha"], dropout=config.get("lora_dropout", 0.0),
-                      targets=targets if isinstance(targets, str) else tuple(targets))
+    try:
+        targets = config["target_modules"]
+        return LoRAConfig(r=config["r"], alpha=config["lora_alpha"], dropout=config.get("lora_dropout", 0.0),
+                          targets=targets if isinstance(targets, str) else tuple(targets))
+    except KeyError as e:
+        raise ValueError(f"{config_path}: field {e.args[0]!r} is missing") from None
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{config_path}: {e}") from None
 
 
 def _adapter_weights(adapter_dir: str) -> str:

@@ -48,6 +48,11 @@ class CheckpointError(ValueError):
     """A checkpoint or config that does not fit the model; the message names the file and keys."""
 
 
+def _check_int(name, value, low, high, what="an integer"):
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise CheckpointError(f"{name} must be {what} in {low}..{high}, got {value!r}")
+
+
 # ----------------------------------------------------------------------------------------------
 # Llama / Vicuna
 
@@ -70,9 +75,27 @@ class LlamaConfig:
     pad_token_id: int = 0
 
     def __post_init__(self):
+        """One validation of the settings, wherever a config comes from (config.json through
+        from_hf_config, the preflight, the tests): types, ranges, finiteness, divisibility."""
+        # the ceilings are far above any real model; they turn a typo such as 1e12 layers into a refusal, not a hang
+        for name, ceiling in (("vocab_size", 2 ** 24), ("hidden_size", 2 ** 20), ("intermediate_size", 2 ** 22),
+                              ("num_hidden_layers", 4096), ("num_attention_heads", 2 ** 14),
+                              ("num_key_value_heads", 2 ** 14), ("max_position_embeddings", 2 ** 24)):
+            _check_int(name, getattr(self, name), 1, ceiling)
+        for name in ("rms_norm_eps", "rope_theta"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+                raise CheckpointError(f"{name} must be a finite number > 0, got {value!r}")
+        if not isinstance(self.tie_word_embeddings, bool):
+            raise CheckpointError(f"tie_word_embeddings must be true or false, got {self.tie_word_embeddings!r}")
+        for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            _check_int(name, getattr(self, name), 0, self.vocab_size - 1, what="a token id")
         if self.hidden_size % self.num_attention_heads:
             raise CheckpointError(f"hidden_size {self.hidden_size} is not divisible by "
                                   f"num_attention_heads {self.num_attention_heads}")
+        if self.head_dim % 2:
+            raise CheckpointError(f"head_dim {self.head_dim} (hidden_size / num_attention_heads) must be even "
+                                  f"for rotary embeddings")
         if self.num_attention_heads % self.num_key_value_heads:
             raise CheckpointError(f"num_attention_heads {self.num_attention_heads} is not divisible by "
                                   f"num_key_value_heads {self.num_key_value_heads}")
@@ -118,7 +141,10 @@ class LlamaConfig:
         for key in ("bos_token_id", "eos_token_id"):  # Llama-3 writes lists of ids
             if isinstance(kw.get(key), list):
                 kw[key] = kw[key][0]
-        return cls(rope_theta=float(theta if theta is not None else 10000.0), **kw)
+        try:
+            return cls(rope_theta=10000.0 if theta is None else theta, **kw)
+        except CheckpointError as e:
+            raise CheckpointError(f"{source}: {e}") from None
 
     def to_hf_config(self):
         d = {f.name: getattr(self, f.name) for f in fields(self)}
@@ -307,6 +333,13 @@ class VisionConfig:
     eps: float = 1e-6
     mean: tuple = (0.48145466, 0.4578275, 0.40821073)
     std: tuple = (0.26862954, 0.26130258, 0.27577711)
+
+    def __post_init__(self):
+        for name, ceiling in (("image_size", 2 ** 14), ("patch_size", 2 ** 10), ("width", 2 ** 16), ("depth", 1024),
+                              ("num_heads", 2 ** 10), ("mlp_dim", 2 ** 18)):
+            _check_int(name, getattr(self, name), 1, ceiling)
+        if not (isinstance(self.eps, (int, float)) and 0 < self.eps < math.inf):
+            raise CheckpointError(f"vision eps must be a finite number > 0, got {self.eps!r}")
 
     @property
     def grid(self):
