@@ -28,7 +28,6 @@ it was made with; a folder is reused only when they equal the requested ones, re
 (--overwrite redoes it). Two worker processes train side by side (--workers), one thread each.
 """
 
-import argparse
 import hashlib
 import json
 import math
@@ -99,8 +98,7 @@ class DemoConfig:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="demo.py", description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = data.OneLineParser(prog="demo.py", description=__doc__.split("\n")[0], formatter_class=data.HelpFormatter)
     for f in fields(DemoConfig):
         flag = "--" + f.name.replace("_", "-")
         if isinstance(f.default, bool):

@@ -915,9 +915,9 @@ def _load_for_run(args, out, all_records):
                          f"(max_position_embeddings in {llm / 'config.json'}), prompt included")
     key = predictions_key(args, llm, vision, projector, dtype, all_records)
     preds_file = claim_predictions(out, key, args.overwrite)
-    if note:  # after the checks, so a refusal stays the only line on stderr
-        print(f"evaluate.py: {note}", file=sys.stderr)
     model = load_model(str(llm), str(vision), projector, args.adapter, args.vision_heads, args.device, dtype)
+    if note:  # after the checks and the load, so a refusal stays the only line on stderr
+        print(f"evaluate.py: {note}", file=sys.stderr)
     return model, tokenizer, preds_file
 
 

@@ -312,12 +312,10 @@ def _lora_config_of(config: dict, config_path: str) -> LoRAConfig:
     for field, off in _PEFT_UNSUPPORTED.items():
         if config.get(field, off) not in (off, None):
             raise ValueError(f"{config_path}: {field}={config[field]!r} is not supported here (only {off!r})")
+    targets = config["target_modules"]  # _read_adapter_config made sure r, lora_alpha and this are there
     try:
-        targets = config["target_modules"]
         return LoRAConfig(r=config["r"], alpha=config["lora_alpha"], dropout=config.get("lora_dropout", 0.0),
                           targets=targets if isinstance(targets, str) else tuple(targets))
-    except KeyError as e:
-        raise ValueError(f"{config_path}: field {e.args[0]!r} is missing") from None
     except (ValueError, TypeError) as e:
         raise ValueError(f"{config_path}: {e}") from None
 
