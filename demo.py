@@ -28,7 +28,6 @@ it was made with; a folder is reused only when they equal the requested ones, re
 (--overwrite redoes it). Two worker processes train side by side (--workers), one thread each.
 """
 
-import hashlib
 import json
 import math
 import os
@@ -47,6 +46,7 @@ import torch.nn.functional as F
 
 import data
 import evaluate
+import outputs
 import synthetic
 from data import conversation_prompt, load_tokenizer
 from metrics import markdown_table
@@ -207,48 +207,13 @@ def done(folder, key, root=None):
     _claim(folder).unlink(missing_ok=True)
 
 
-# The files the demo writes in --dir itself, and the record of what it wrote there (a SHA-256 per
-# file): one of these names is written over only when it still holds what the demo wrote.
+# The files the demo writes in --dir itself: each written over only while it holds what the demo
+# wrote there (outputs.py keeps the record).
 OUTPUTS = ("results.md", "summary.json", "curves.png", "tradeoff.png")
-LEDGER = "demo_outputs.json"
-
-
-def _ledger(root):
-    path = Path(root) / LEDGER
-    if not path.exists() and not path.is_symlink():
-        return {}
-    if path.is_symlink() or not path.is_file():
-        raise DemoError(f"{path}: expected the demo's record of its outputs, a plain file; move it away")
-    try:
-        ledger = json.loads(path.read_text())
-    except ValueError as e:
-        raise DemoError(f"{path}: not readable JSON ({e}); move it away or use another --dir") from None
-    if not isinstance(ledger, dict):
-        raise DemoError(f"{path}: expected the demo's record of its outputs (a JSON object); move it away")
-    return ledger
-
-
-def _sha256(path):
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
-def check_outputs(root, names=OUTPUTS):
-    """Before any work: each output that exists in --dir must be the one the demo wrote there."""
-    ledger = _ledger(root)
-    for name in names:
-        path = Path(root) / name
-        if path.is_symlink() or (path.exists() and (not path.is_file() or ledger.get(name) != _sha256(path))):
-            raise DemoError(f"{path} was not written by the demo (or was changed since); move it away or use "
-                            f"another --dir")
 
 
 def write_output(root, name, write):
-    """write(path) one of the demo's files in --dir, then record its fingerprint."""
-    check_outputs(root, [name])
-    path = Path(root) / name
-    write(path)
-    ledger = {**_ledger(root), name: _sha256(path)}
-    (Path(root) / LEDGER).write_text(json.dumps(ledger, indent=1) + "\n")
+    outputs.write(root, name, write, "the demo")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -760,7 +725,7 @@ def main(argv=None):
     root = Path(cfg.dir)
     _not_a_folder(root)
     root.mkdir(parents=True, exist_ok=True)
-    check_outputs(root)  # refuse now, not after the runs, a file of the user's that the report would replace
+    outputs.check(root, OUTPUTS, "the demo")  # refuse now, not after the runs, a file the report would replace
     with ProcessPoolExecutor(cfg.workers, mp_context=get_context("spawn"), initializer=_die_with_parent,
                              initargs=(os.getpid(),)) as pool:
         paths = prepare(cfg, root, pool)
@@ -775,5 +740,5 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         main()
-    except (DemoError, ValueError, OSError) as e:
+    except (ValueError, OSError) as e:  # DemoError and outputs.OutputError are ValueErrors
         sys.exit(f"demo.py: error: {data.one_line(e)}")

@@ -51,6 +51,7 @@ import torch
 from tqdm import tqdm
 
 import metrics
+import outputs
 from data import (ATTRIBUTES, DATASETS, UNKNOWN, HelpFormatter, ImageProcessor, OneLineParser, nearest_existing, ReportDataset, clip, collate,
                   conversation_prompt, group_names, load_image, load_tokenizer, one_line, read_llava_json,
                   recorded_attributes, tokenize_with_image, tokenizer_file)
@@ -483,15 +484,14 @@ def draw_groups_png(results, path, title=""):
 def write_outputs(results, out_dir, title=""):
     """results.json (every number), results.md (the paper-style tables + per-group details) and
     groups.png (the chart) in out_dir."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / "results.json", "w") as f:
-        json.dump(results, f, indent=1, allow_nan=False)
     md = [f"# {title or 'Evaluation'}\n", compare_markdown({title or "this run": results})]
     if results["fairness"]:
         md.append("## Per group\n" + groups_markdown(results))
-    (out / "results.md").write_text("\n".join(md))
-    draw_groups_png(results, out / "groups.png", title)
+    outputs.check(out_dir, RESULT_FILES, "evaluate.py")  # all three, before any is written
+    outputs.write(out_dir, "results.json", lambda p: p.write_text(json.dumps(results, indent=1, allow_nan=False)),
+                  "evaluate.py")
+    outputs.write(out_dir, "results.md", lambda p: p.write_text("\n".join(md)), "evaluate.py")
+    outputs.write(out_dir, "groups.png", lambda p: draw_groups_png(results, p, title), "evaluate.py")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -593,7 +593,7 @@ def _differences(old, new):
     return out
 
 
-OUTPUT_FILES = ("predictions.jsonl", "results.json", "results.md", "groups.png")
+RESULT_FILES = ("results.json", "results.md", "groups.png")  # written over only while they are evaluate.py's (outputs.py)
 
 
 def claim_predictions(out_dir, key, overwrite=False):
@@ -603,9 +603,12 @@ def claim_predictions(out_dir, key, overwrite=False):
     out_dir = Path(out_dir)
     preds, key_file = out_dir / "predictions.jsonl", out_dir / "predictions_key.json"
     fresh = "pass a new --out, or --overwrite to start afresh"
-    if overwrite:
-        for name in OUTPUT_FILES:
-            (out_dir / name).unlink(missing_ok=True)
+    if overwrite:  # only what evaluate.py can prove it wrote: predictions under its key, its own results
+        if preds.exists() and not key_file.is_file():
+            raise ValueError(f"--overwrite: {preds} has no {key_file.name} beside it, so it may not be evaluate.py's; "
+                             f"move it away or pass a new --out")
+        outputs.remove(out_dir, RESULT_FILES, "evaluate.py")
+        preds.unlink(missing_ok=True)
     elif preds.exists():
         if not key_file.is_file():
             raise ValueError(f"{preds} holds predictions of unknown origin (no {key_file.name} beside it); {fresh}")
@@ -945,6 +948,7 @@ def main(argv=None):
         sys.exit(preflight(args))
     t0 = time.time()
     _check_paths(args)
+    outputs.check(args.out, RESULT_FILES, "evaluate.py")  # before hours of generation, not after
     out = Path(args.out)
     all_records = _read_test(args.test_json, args.dataset, args.image_root, check_images=args.predictions is None)
     records = select_records(all_records, args.ids, args.limit)

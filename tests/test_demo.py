@@ -13,6 +13,7 @@ import pytest
 from PIL import Image
 
 import demo
+import outputs
 from fairness import FairnessConfig
 import evaluate
 from demo import DemoConfig, DemoError
@@ -179,15 +180,15 @@ def test_a_torn_key_is_refused_naming_the_file(tmp_path):
 
 def test_outputs_are_written_only_over_the_demos_own(tmp_path):
     demo.write_output(tmp_path, "results.md", lambda p: p.write_text("run 1"))
-    demo.check_outputs(tmp_path)  # the demo's own file: may be replaced
+    outputs.check(tmp_path, demo.OUTPUTS, "the demo")  # the demo's own file: may be replaced
     demo.write_output(tmp_path, "results.md", lambda p: p.write_text("run 2"))
     assert (tmp_path / "results.md").read_text() == "run 2"
     (tmp_path / "results.md").write_text("edited by hand")
     (tmp_path / "summary.json").write_text("the user's")
     for name in ("results.md", "summary.json"):
-        with pytest.raises(DemoError, match=rf"{name} was not written by the demo"):
-            demo.check_outputs(tmp_path, [name])
-        with pytest.raises(DemoError, match=rf"{name} was not written by the demo"):
+        with pytest.raises(outputs.OutputError, match=rf"{name} was not written by the demo"):
+            outputs.check(tmp_path, [name], "the demo")
+        with pytest.raises(outputs.OutputError, match=rf"{name} was not written by the demo"):
             demo.write_output(tmp_path, name, lambda p: p.write_text("x"))
     assert (tmp_path / "results.md").read_text() == "edited by hand"
     assert (tmp_path / "summary.json").read_text() == "the user's"

@@ -300,7 +300,7 @@ def test_scoring_only_command_line(bench, tmp_path):
     res = E.main(["--predictions", str(path), "--test-json", str(bench["root"] / "test.json"), "--out",
                   str(tmp_path / "out"), "--min-group-size", "7", "--n-resamples", "10"])
     assert res == E.score(preds, recs, min_group_size=7, n_resamples=10)
-    assert {p.name for p in (tmp_path / "out").iterdir()} == {"results.json", "results.md", "groups.png"}
+    assert {p.name for p in (tmp_path / "out").iterdir()} == {"results.json", "results.md", "groups.png", "outputs_record.json"}
 
 
 def test_command_line_bad_input_is_one_clear_line(bench, tmp_path):

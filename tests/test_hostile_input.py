@@ -392,3 +392,43 @@ def test_the_workers_of_a_killed_demo_exit(tmp_path):
     while time.time() < deadline and workers & _worker_pids():
         time.sleep(0.2)
     assert not workers & _worker_pids(), "a worker outlived the killed demo"
+
+
+# ----------------------------------------------------------------------------------------------
+# evaluate.py writes results only over its own
+
+
+def score_argv(env, out, preds):
+    return ["--predictions", str(preds), "--test-json", str(env / "data" / "test.json"), "--out", str(out),
+            "--min-group-size", "1", "--n-resamples", "0"]
+
+
+def write_predictions(env, path):
+    recs = data.read_llava_json(env / "data" / "test.json")
+    path.write_text("".join(json.dumps({"id": r["id"], "prediction": r["answer"]}) + "\n" for r in recs))
+    return path
+
+
+@pytest.mark.parametrize("name", ["results.md", "results.json", "groups.png"])
+def test_evaluate_never_writes_over_a_result_file_of_the_user(env, tmp_path, capsys, name):
+    preds = write_predictions(env, tmp_path / "p.jsonl")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / name).write_text("the user's")
+    before = snapshot(tmp_path)
+    line = one_line(evaluate.cli, score_argv(env, out, preds), capsys, "evaluate.py")
+    assert f"{out / name} was not written by evaluate.py" in line
+    assert snapshot(tmp_path) == before
+    (out / name).unlink()
+    evaluate.cli(score_argv(env, out, preds))  # its own results: written, then written over
+    evaluate.cli(score_argv(env, out, preds))
+
+
+def test_overwrite_keeps_predictions_of_unknown_origin(env, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    write_predictions(env, out / "predictions.jsonl")  # the user's, no predictions_key.json
+    before = snapshot(tmp_path)
+    line = one_line(evaluate.cli, eval_argv(env, out, "--overwrite"), capsys, "evaluate.py")
+    assert "--overwrite" in line and "has no predictions_key.json beside it" in line
+    assert snapshot(tmp_path) == before
