@@ -301,8 +301,8 @@ def train_steps(run, step, log, quiet, progress):
             loss, stats, stepped = train_step(run, micro, step)
             bad_steps = 0 if stepped else bad_steps + 1
             if bad_steps >= cfg.max_bad_steps:
-                raise FloatingPointError(f"{bad_steps} non-finite losses in a row: stopping "
-                                         f"(last good checkpoint: {out / 'checkpoint.pt'})")
+                kept = f"the last checkpoint, of step {saved}, is {out / 'checkpoint.pt'}" if saved else "no checkpoint was saved"
+                raise FloatingPointError(f"{bad_steps} non-finite losses in a row (--max-bad-steps): stopping; {kept}")
             step += 1
             log_step(run, log, bar, progress, {"step": step, "loss": loss, "lr": lr, "skipped": not stepped, **stats})
             if run.monitor is not None and (step % cfg.monitor_every == 0 or step == run.total):
@@ -439,7 +439,7 @@ def main(argv=None):
     d = setup_distributed()
     try:
         train(cfg, d, overwrite=args.overwrite, strict_text=args.strict_text)
-    except (ValueError, OSError) as e:  # bad input: one line naming what, no traceback
+    except (ValueError, OSError, FloatingPointError) as e:  # bad input: one line naming what, no traceback
         sys.exit(f"train.py: error: {data.one_line(e)}")
     finally:
         if d.world > 1:

@@ -432,3 +432,47 @@ def test_overwrite_keeps_predictions_of_unknown_origin(env, tmp_path, capsys):
     line = one_line(evaluate.cli, eval_argv(env, out, "--overwrite"), capsys, "evaluate.py")
     assert "--overwrite" in line and "has no predictions_key.json beside it" in line
     assert snapshot(tmp_path) == before
+
+
+def test_a_diverging_run_stops_in_one_line_naming_what_was_saved(env, tmp_path, capsys, monkeypatch):
+    """The run's progress and its "step skipped" warnings go to stderr too; its end is one error line."""
+    import model as model_module
+    real = model_module.LlavaModel.forward
+
+    def nan_after_two(self, *a, **k):  # steps 1-2 are fine, then every loss is NaN
+        out = real(self, *a, **k)
+        nan_after_two.calls += 1
+        out.loss = out.loss * (float("nan") if nan_after_two.calls > 2 else 1.0)
+        return out
+
+    def last_line(out, **kw):
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as e:
+            train.main(config.to_argv(train_config(env, out, max_steps=8, max_bad_steps=2, **kw)))
+        assert "Traceback" not in capsys.readouterr().err
+        return e.value.code
+
+    nan_after_two.calls = 0
+    monkeypatch.setattr(model_module.LlavaModel, "forward", nan_after_two)
+    assert last_line(tmp_path / "run", save_every=2) == (
+        f"train.py: error: 2 non-finite losses in a row (--max-bad-steps): stopping; the last checkpoint, of step 2, "
+        f"is {tmp_path / 'run' / 'checkpoint.pt'}")
+    assert (tmp_path / "run" / "checkpoint.pt").is_file()
+    nan_after_two.calls = 10  # NaN from the first step: nothing was saved, and the message says so
+    assert last_line(tmp_path / "run2").endswith("stopping; no checkpoint was saved")
+
+
+def test_a_test_item_whose_image_is_a_list(env, tmp_path, capsys):
+    def edit(items):
+        items[0]["image"] = [items[0]["image"]]
+    test = edited_json(env, tmp_path, edit, name="test.json")
+    for extra in ([], ["--preflight"]):
+        capsys.readouterr()
+        if extra:
+            with pytest.raises(SystemExit):
+                evaluate.cli(eval_argv(env, tmp_path / "out", "--test-json", str(test), *extra))
+            err = capsys.readouterr()
+            assert "field 'image': expected a file path (a string), got a JSON list" in err.out + err.err
+        else:
+            line = one_line(evaluate.cli, eval_argv(env, tmp_path / "out", "--test-json", str(test)), capsys, "evaluate.py")
+            assert "field 'image': expected a file path (a string), got a JSON list" in line
