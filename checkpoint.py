@@ -15,6 +15,7 @@ file and the missing, unexpected and mis-shaped keys (a CheckpointError).
 
 import json
 import re
+from dataclasses import fields
 from pathlib import Path
 
 import torch
@@ -111,6 +112,46 @@ def _cast(sd, dtype, device="cpu"):
     return {k: (v.to(device=device, dtype=dtype) if v.is_floating_point() else v) for k, v in sd.items()}
 
 
+def llama_config_from_hf(cfg, source="config.json"):
+    """Read an HF config.json dict. Fields that would change the math and that this
+    implementation does not do (rope scaling, biases, other activations) are refused rather
+    than ignored, so a model never runs with silently wrong numbers."""
+    if cfg.get("model_type", "llama") != "llama":
+        raise CheckpointError(f"{source}: model_type {cfg['model_type']!r} is not supported (expected 'llama')")
+    unsupported = {
+        "rope_scaling": lambda v: v not in (None, {}),
+        "attention_bias": bool, "mlp_bias": bool,
+        "hidden_act": lambda v: v != "silu",
+        "head_dim": lambda v: v is not None and v * cfg.get("num_attention_heads", 0) != cfg.get("hidden_size"),
+    }
+    for key, bad in unsupported.items():
+        if key in cfg and bad(cfg[key]):
+            raise CheckpointError(f"{source}: field {key}={cfg[key]!r} is not supported by this implementation")
+    # rope_theta has three spellings: absent (Llama-2, default 10000), top-level, or nested.
+    theta = cfg.get("rope_theta")
+    if theta is None and isinstance(cfg.get("rope_parameters"), dict):
+        rp = cfg["rope_parameters"]
+        if rp.get("rope_type", "default") != "default":
+            raise CheckpointError(f"{source}: rope_parameters.rope_type={rp['rope_type']!r} is not supported")
+        theta = rp.get("rope_theta")
+    kw = {f.name: cfg[f.name] for f in fields(LlamaConfig) if f.name in cfg and cfg[f.name] is not None}
+    kw.pop("rope_theta", None)
+    kw.setdefault("num_key_value_heads", kw.get("num_attention_heads", LlamaConfig.num_attention_heads))
+    for key in ("bos_token_id", "eos_token_id"):  # Llama-3 writes lists of ids
+        if isinstance(kw.get(key), list):
+            kw[key] = kw[key][0]
+    try:
+        return LlamaConfig(rope_theta=10000.0 if theta is None else theta, **kw)
+    except CheckpointError as e:
+        raise CheckpointError(f"{source}: {e}") from None
+
+
+def hf_config(cfg):
+    d = {f.name: getattr(cfg, f.name) for f in fields(cfg)}
+    d.update(model_type="llama", architectures=["LlamaForCausalLM"], hidden_act="silu")
+    return d
+
+
 def read_llama_config(folder):
     """folder/config.json -> LlamaConfig; a missing or malformed file is a CheckpointError naming it."""
     cfg_path = Path(folder) / "config.json"
@@ -122,7 +163,7 @@ def read_llama_config(folder):
         raise CheckpointError(f"{cfg_path}: not valid JSON ({e})") from None
     if not isinstance(raw, dict):
         raise CheckpointError(f"{cfg_path}: expected a JSON object of model settings, got {type(raw).__name__}")
-    return LlamaConfig.from_hf_config(raw, source=str(cfg_path))
+    return llama_config_from_hf(raw, source=str(cfg_path))
 
 
 def _llama_keys(sd, cfg):
@@ -156,7 +197,7 @@ def save_llama(model, folder):
     from safetensors.torch import save_file
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "config.json").write_text(json.dumps(model.config.to_hf_config(), indent=2))
+    (folder / "config.json").write_text(json.dumps(hf_config(model.config), indent=2))
     sd = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     if model.config.tie_word_embeddings:
         sd.pop("lm_head.weight")

@@ -30,7 +30,7 @@ on CPU in about a second.
 """
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -112,44 +112,6 @@ class LlamaConfig:
         kw.update(overrides)
         return cls(**kw)
 
-    @classmethod
-    def from_hf_config(cls, cfg, source="config.json"):
-        """Read an HF config.json dict. Fields that would change the math and that this
-        implementation does not do (rope scaling, biases, other activations) are refused rather
-        than ignored, so a model never runs with silently wrong numbers."""
-        if cfg.get("model_type", "llama") != "llama":
-            raise CheckpointError(f"{source}: model_type {cfg['model_type']!r} is not supported (expected 'llama')")
-        unsupported = {
-            "rope_scaling": lambda v: v not in (None, {}),
-            "attention_bias": bool, "mlp_bias": bool,
-            "hidden_act": lambda v: v != "silu",
-            "head_dim": lambda v: v is not None and v != cfg["hidden_size"] // cfg["num_attention_heads"],
-        }
-        for key, bad in unsupported.items():
-            if key in cfg and bad(cfg[key]):
-                raise CheckpointError(f"{source}: field {key}={cfg[key]!r} is not supported by this implementation")
-        # rope_theta has three spellings: absent (Llama-2, default 10000), top-level, or nested.
-        theta = cfg.get("rope_theta")
-        if theta is None and isinstance(cfg.get("rope_parameters"), dict):
-            rp = cfg["rope_parameters"]
-            if rp.get("rope_type", "default") != "default":
-                raise CheckpointError(f"{source}: rope_parameters.rope_type={rp['rope_type']!r} is not supported")
-            theta = rp.get("rope_theta")
-        kw = {f.name: cfg[f.name] for f in fields(cls) if f.name in cfg and cfg[f.name] is not None}
-        kw.pop("rope_theta", None)
-        kw.setdefault("num_key_value_heads", kw.get("num_attention_heads", cls.num_attention_heads))
-        for key in ("bos_token_id", "eos_token_id"):  # Llama-3 writes lists of ids
-            if isinstance(kw.get(key), list):
-                kw[key] = kw[key][0]
-        try:
-            return cls(rope_theta=10000.0 if theta is None else theta, **kw)
-        except CheckpointError as e:
-            raise CheckpointError(f"{source}: {e}") from None
-
-    def to_hf_config(self):
-        d = {f.name: getattr(self, f.name) for f in fields(self)}
-        d.update(model_type="llama", architectures=["LlamaForCausalLM"], hidden_act="silu")
-        return d
 
 
 

@@ -23,6 +23,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+import checkpoint
 import synthetic  # noqa: E402
 from lora import LoRAConfig, apply_lora, lora_state_dict, PEFT_PREFIX  # noqa: E402
 from model import Llama, LlamaConfig, VisionConfig, VisionTransformer, build_projector  # noqa: E402
@@ -54,7 +55,7 @@ def write_vicuna(folder, n_shards=2):
     """config.json + model-0000k-of-0000n.safetensors + model.safetensors.index.json, as released."""
     folder.mkdir(parents=True)
     cfg = LlamaConfig()  # lmsys/vicuna-7b-v1.5
-    (folder / "config.json").write_text(json.dumps({**cfg.to_hf_config(), "torch_dtype": "float16"}, indent=2))
+    (folder / "config.json").write_text(json.dumps({**checkpoint.hf_config(cfg), "torch_dtype": "float16"}, indent=2))
     with torch.device("meta"):
         shapes = meta_shapes(Llama(cfg))
     keys = list(shapes)

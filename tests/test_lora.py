@@ -10,6 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+import checkpoint
 import fast
 import lora
 from lora import LoRAConfig, LoRALinear
@@ -303,7 +304,7 @@ def _hf_and_ours(seed=0):
     transformers = pytest.importorskip("transformers")
     cfg = LlamaConfig.tiny()
     torch.manual_seed(seed)
-    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**cfg.to_hf_config())).eval()
+    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**checkpoint.hf_config(cfg))).eval()
     ours = Llama(cfg).eval()
     ours.load_state_dict(hf.state_dict(), strict=True)
     return hf, ours

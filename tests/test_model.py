@@ -8,6 +8,7 @@ import shutil
 import pytest
 import torch
 
+import checkpoint
 from checkpoint import check_state_dict, load_llama, load_projector, save_llama
 from generate import KVCache, decode_step, generate
 from model import (IGNORE_INDEX, IMAGE_TOKEN_INDEX, CheckpointError, Llama, LlamaConfig, LlavaModel, VisionConfig,
@@ -268,7 +269,7 @@ def write_vicuna_bin_layout(model, folder):
     with rotary inv_freq buffers inside, and the old-style config without rope_theta."""
     folder.mkdir(exist_ok=True)
     sd = model.state_dict()
-    cfg = model.config.to_hf_config()
+    cfg = checkpoint.hf_config(model.config)
     del cfg["rope_theta"]
     (folder / "config.json").write_text(json.dumps(cfg))
     keys = list(sd)
@@ -296,7 +297,7 @@ def test_load_sharded_bin_with_inv_freq(tmp_path):
 
 def test_load_single_bin_and_tied(tmp_path):
     ours = random_llama(CONFIGS["tied"])
-    tmp_path.joinpath("config.json").write_text(json.dumps(ours.config.to_hf_config()))
+    tmp_path.joinpath("config.json").write_text(json.dumps(checkpoint.hf_config(ours.config)))
     sd = {k: v for k, v in ours.state_dict().items() if k != "lm_head.weight"}
     torch.save(sd, tmp_path / "pytorch_model.bin")
     loaded = load_llama(tmp_path)
@@ -310,7 +311,7 @@ def test_load_single_bin_and_tied(tmp_path):
 def test_config_rope_theta_spellings(theta_cfg):
     base = {"hidden_size": 64, "num_attention_heads": 4, "num_hidden_layers": 2, "intermediate_size": 128,
             "vocab_size": 100, "torch_dtype": "float16", "architectures": ["LlamaForCausalLM"]}
-    cfg = LlamaConfig.from_hf_config({**base, **theta_cfg})
+    cfg = checkpoint.llama_config_from_hf({**base, **theta_cfg})
     assert cfg.rope_theta == (123.0 if theta_cfg else 10000.0)
     assert cfg.num_key_value_heads == 4  # absent -> multi-head
 
@@ -373,7 +374,7 @@ def test_check_state_dict_cuts_every_list_at_the_same_length():
 
 
 def test_folder_without_weights(tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps(LlamaConfig.tiny().to_hf_config()))
+    (tmp_path / "config.json").write_text(json.dumps(checkpoint.hf_config(LlamaConfig.tiny())))
     with pytest.raises(CheckpointError, match="no weights found"):
         load_llama(tmp_path)
     with pytest.raises(FileNotFoundError, match="no such file"):

@@ -13,6 +13,7 @@ import struct
 import pytest
 import torch
 
+import checkpoint
 from checkpoint import load_llama
 from data import (conversation_prompt, encode_example, load_tokenizer, mimic_question, read_sentencepiece_model,
                   tokenize_with_image, tokenizer_file)
@@ -139,7 +140,7 @@ def write_vicuna_folder(folder):
     write_model(folder / "tokenizer.model")
     torch.manual_seed(0)
     model = Llama(LlamaConfig.tiny(vocab_size=3 + 256 + len(WORDS))).eval()
-    cfg = {**model.config.to_hf_config(), "architectures": ["LlamaForCausalLM"], "bos_token_id": 1,
+    cfg = {**checkpoint.hf_config(model.config), "architectures": ["LlamaForCausalLM"], "bos_token_id": 1,
            "eos_token_id": 2, "pad_token_id": 0, "pretraining_tp": 1, "rope_scaling": None,
            "torch_dtype": "float16", "transformers_version": "4.31.0", "use_cache": True}
     cfg.pop("rope_theta", None)  # Vicuna's config predates the field
