@@ -76,7 +76,7 @@ class LlamaConfig:
 
     def __post_init__(self):
         """One validation of the settings, wherever a config comes from (config.json through
-        from_hf_config, the preflight, the tests): types, ranges, finiteness, divisibility."""
+        checkpoint.llama_config_from_hf, the preflight, the tests): types, ranges, finiteness, divisibility."""
         # the ceilings are far above any real model; they turn a typo such as 1e12 layers into a refusal, not a hang
         for name, ceiling in (("vocab_size", 2 ** 24), ("hidden_size", 2 ** 20), ("intermediate_size", 2 ** 22),
                               ("num_hidden_layers", 4096), ("num_attention_heads", 2 ** 14),
