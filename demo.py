@@ -49,6 +49,7 @@ import evaluate
 import outputs
 import synthetic
 from data import conversation_prompt, load_tokenizer
+import metrics
 from metrics import markdown_table
 from checkpoint import save_llama
 from model import Llama, LlamaConfig, VisionConfig, VisionTransformer
@@ -465,13 +466,10 @@ def run_runs(cfg, pool, specs):
 # ----------------------------------------------------------------------------------------------
 # tables, figures, summary.json
 
-T95 = {2: 12.71, 3: 4.30, 4: 3.18, 5: 2.78, 6: 2.57, 7: 2.45, 8: 2.36, 9: 2.31, 10: 2.26}
-
-
 def mean_ci(values):
     """Mean and the half-width of its 95% t-interval (NaN for one value)."""
     v = np.asarray(values, dtype=float)
-    half = T95.get(len(v), 1.96) * v.std(ddof=1) / math.sqrt(len(v)) if len(v) > 1 else float("nan")
+    half = metrics.t_quantile(0.975, len(v) - 1) * v.std(ddof=1) / math.sqrt(len(v)) if len(v) > 1 else float("nan")
     return float(v.mean()), float(half)
 
 

@@ -513,6 +513,10 @@ class FairnessReport:
     # bootstrap percentile intervals (empty without resampling): keys "overall", "m_all", "gap", "es"
     ci: dict[str, tuple[float, float]] = field(default_factory=dict)
     group_ci: dict[Hashable, tuple[float, float]] = field(default_factory=dict)
+    # with resampling: the gap when the groups do not differ (labels shuffled: mean, 95th percentile,
+    # mean square), and the gap with that part taken out (see _null_corrected)
+    gap_null: dict[str, float] = field(default_factory=dict)
+    gap_corrected: float = math.nan
 
     @property
     def small_groups(self) -> list:
@@ -598,14 +602,81 @@ def _fairness_report_for(score, n, name, attribute, groups, min_group_size, m_al
         gap=point["gap"], es=point["es"],
     )
     if n_resamples > 0:
-        # resample the test set as a whole (groups keep their natural proportions) and redo everything
         rng = np.random.default_rng(seed)
-        reps = [evaluate(rng.integers(0, n, size=n)) for _ in range(n_resamples)]
+        members = [np.flatnonzero(codes == k) for k in range(len(names))]
+        # the gap's null: the same groups' sizes with the labels shuffled, i.e. what max - min comes to
+        # when the groups do not differ at all (it is not 0: max - min of noisy scores is biased up)
+        null = np.array([_gap_of(score, rng.permutation(n), members, eligible) for _ in range(n_resamples)])
+        q0 = float(np.nanmean(null ** 2))
+        report.gap_null = {"mean": float(np.nanmean(null)), "q95": float(np.nanpercentile(null, 95)), "mean_sq": q0}
+        report.gap_corrected = _null_corrected(point["gap"], q0)
+        # stratified bootstrap: each group resampled within itself, its size kept, everything redone
+        reps = [evaluate(np.concatenate([rng.choice(m, size=len(m)) for m in members])) for _ in range(n_resamples)]
         for key in ("overall", "m_all", "gap", "es"):
             report.ci[key] = percentile_interval([r[key] for r in reps], confidence)
+        report.ci["gap_corrected"] = percentile_interval([_null_corrected(r["gap"], q0) for r in reps], confidence)
         for k, g in enumerate(names):
             report.group_ci[g] = percentile_interval([r[k] for r in reps], confidence)
     return report
+
+
+def _gap_of(score, perm, members, eligible):
+    """max - min over the eligible groups when each group's members are replaced by the samples
+    at the same positions of a permutation: groups of the same sizes, drawn from everyone."""
+    scores = [score(perm[members[k]]) for k in eligible]
+    return max(scores) - min(scores)
+
+
+def _null_corrected(gap, null_mean_sq):
+    """sqrt(max(0, gap^2 - E_null[gap^2])): the gap with the part that noise alone gives it taken
+    out. With no difference between groups it is 0 more often than not (the plug-in max - min is
+    biased up by about 2 standard errors of a group score); with one large difference it is within
+    a few tenths of the plug-in value. No estimator of max - min is unbiased at every gap (it is a
+    non-smooth function of the group means): tests/test_metrics.py measures bias and coverage."""
+    return math.sqrt(max(0.0, gap * gap - null_mean_sq)) if math.isfinite(gap) else math.nan
+
+
+def t_quantile(p: float, df: int) -> float:
+    """The p-quantile of Student's t with df degrees of freedom, for any df >= 1 (a mean's 95%
+    interval over n seeds is mean +- t_quantile(0.975, n - 1) sd / sqrt(n)): bisection on the CDF
+    F(t) = 1 - I_x(df / 2, 1 / 2) / 2 for t >= 0, x = df / (df + t^2), I the regularized incomplete
+    beta function."""
+    if not (0 < p < 1) or df < 1:
+        raise ValueError(f"t_quantile needs 0 < p < 1 and df >= 1, got p={p}, df={df}")
+    if p < 0.5:
+        return -t_quantile(1 - p, df)
+    cdf = lambda t: 1 - 0.5 * _betainc(df / 2, 0.5, df / (df + t * t))
+    lo, hi = 0.0, 1.0
+    while cdf(hi) < p:
+        lo, hi = hi, 2 * hi
+    for _ in range(100):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if cdf(mid) < p else (lo, mid)
+    return (lo + hi) / 2
+
+
+def _betainc(a: float, b: float, x: float) -> float:
+    """I_x(a, b), the regularized incomplete beta function, from its continued fraction (evaluated
+    by the modified Lentz method; the symmetry I_x(a, b) = 1 - I_{1-x}(b, a) keeps it converging)."""
+    if x <= 0 or x >= 1:
+        return 0.0 if x <= 0 else 1.0
+    front = math.exp(math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x))
+    if x > (a + 1) / (a + b + 2):
+        return 1.0 - _betainc(b, a, 1.0 - x)
+    tiny, c, d = 1e-300, 1.0, 1.0 - (a + b) * x / (a + 1)
+    d = 1.0 / (d if abs(d) > tiny else tiny)
+    h = d
+    for m in range(1, 300):
+        for num in (m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),          # even step
+                    -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))):  # odd step
+            d = 1.0 + num * d
+            d = 1.0 / (d if abs(d) > tiny else tiny)
+            c = 1.0 + num / c
+            c = c if abs(c) > tiny else tiny
+            h *= d * c
+        if abs(d * c - 1.0) < 1e-15:
+            break
+    return front * h / a
 
 
 def percentile_interval(values: Sequence[float], confidence: float = 0.95) -> tuple[float, float]:
@@ -629,9 +700,11 @@ def fairness_report(
 
     Groups smaller than `min_group_size` are scored and flagged but take no part in the gap or
     in ES: a score over a handful of reports is mostly noise, and would decide max - min. With
-    n_resamples > 0 the whole test set is resampled with replacement, every number is recomputed
-    on each resample, and the percentile intervals go into `ci` and `group_ci`; a resample that
-    lacks one of the compared groups contributes no gap or ES value.
+    n_resamples > 0 each group is resampled with replacement within itself (a stratified
+    bootstrap: the group sizes stay those of the test set), every number is recomputed on each
+    resample, and the percentile intervals go into `ci` and `group_ci`. Beside them: the gap's
+    null (`gap_null`: max - min when the group labels are shuffled, what "no gap" looks like at
+    these group sizes) and the gap with that part taken out (`gap_corrected`, ci["gap_corrected"]).
 
     >>> hyps = ["a b c", "a b x", "a b c", "x y z"]
     >>> refs = ["a b c", "a b c", "a b c", "a b c"]

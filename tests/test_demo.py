@@ -250,11 +250,13 @@ def test_mean_ci_of_one_value_has_no_interval():
 
 
 def test_mean_ci_is_a_t_interval():
-    mu, half = demo.mean_ci([1.0, 2.0, 3.0])  # sample sd 1, t(0.975, 2 df) = 4.30
-    assert mu == 2.0 and half == pytest.approx(4.30 / math.sqrt(3))
-    mu, half = demo.mean_ci([1.0, 3.0])  # sd sqrt(2), t = 12.71
-    assert mu == 2.0 and half == pytest.approx(12.71 * math.sqrt(2) / math.sqrt(2))
+    mu, half = demo.mean_ci([1.0, 2.0, 3.0])  # sample sd 1, t(0.975, 2 df) = 4.3027
+    assert mu == 2.0 and half == pytest.approx(4.302653 / math.sqrt(3), rel=1e-6)
+    mu, half = demo.mean_ci([1.0, 3.0])  # sd sqrt(2), t = 12.7062
+    assert mu == 2.0 and half == pytest.approx(12.706205, rel=1e-6)
     assert demo.mean_ci(np.full(4, 7.0)) == (7.0, 0.0)
+    v = np.arange(12.0)  # 12 seeds: t(0.975, 11) = 2.2010, not the normal 1.96 used before for n > 10
+    assert demo.mean_ci(v)[1] == pytest.approx(2.200985 * v.std(ddof=1) / math.sqrt(12), rel=1e-6)
 
 
 # ----------------------------------------------------------------------------------------------

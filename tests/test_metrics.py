@@ -489,13 +489,17 @@ def test_fairness_report_intervals():
     hyps = [mutate(rng, r) for r in refs]
     groups = [rng.choice(["F", "M"]) for _ in refs]
     r = M.fairness_report(M.bleu(4), hyps, refs, groups, min_group_size=10, n_resamples=200, seed=0)
-    assert set(r.ci) == {"overall", "m_all", "gap", "es"} and set(r.group_ci) == {"F", "M"}
+    assert set(r.ci) == {"overall", "m_all", "gap", "es", "gap_corrected"} and set(r.group_ci) == {"F", "M"}
     for key, value in [("overall", r.overall), ("es", r.es)]:
         low, high = r.ci[key]
         assert low < value < high
     for g, s in r.groups.items():
         assert r.group_ci[g][0] < s.score < r.group_ci[g][1]
-    assert r.ci["overall"] == M.bootstrap_ci(M.bleu(4), hyps, refs, n_resamples=200, seed=0)
+    # stratified: the resamples keep each group's size, so the whole-set interval is a little
+    # narrower than that of resampling the test set as a whole
+    whole = M.bootstrap_ci(M.bleu(4), hyps, refs, n_resamples=200, seed=0)
+    assert abs((r.ci["overall"][1] - r.ci["overall"][0]) - (whole[1] - whole[0])) < 0.5 * (whole[1] - whole[0])
+    assert 0 < r.gap_null["mean"] < r.gap_null["q95"] and r.gap_corrected <= r.gap
     again = M.fairness_report(M.bleu(4), hyps, refs, groups, min_group_size=10, n_resamples=200, seed=0)
     assert again.ci == r.ci and again.group_ci == r.group_ci
 
@@ -581,3 +585,55 @@ def test_fairness_bad_input():
         M.fairness_report(EXACT, hyps, refs, ["A", "B", "A"], min_group_size=1, m_all="mean")
     with pytest.raises(ValueError, match="average must be"):
         M.chexpert_f1("weighted")
+
+
+# ----------------------------------------------------------------------------------------------
+# The statistics of the study: Student's t for any n, and the gap's bootstrap checked by simulation
+
+
+@pytest.mark.parametrize("df", [1, 2, 3, 5, 11, 12, 29, 30, 31, 100, 10 ** 5])
+def test_t_quantile_equals_scipy(df):
+    stats = pytest.importorskip("scipy.stats")
+    for p in (0.5, 0.8, 0.95, 0.975, 0.995, 0.025):
+        assert M.t_quantile(p, df) == pytest.approx(stats.t.ppf(p, df), rel=1e-8, abs=1e-10)
+
+
+HIT = M.mean_metric("hit", lambda h, r: float(h == r))
+
+
+def _simulated_gap(true_gap, n_sims, seed, n=600, k=4):
+    """Four groups of n cases scored 0 / 100 each (a group score's standard error is ~2 points, as
+    one race group's Finding-F1 on the demo's test set): one group at 50 + gap / 2, one at
+    50 - gap / 2, the others at 50. -> (mean plug-in gap, mean corrected gap, coverage of each
+    interval) over n_sims test sets."""
+    rng = np.random.default_rng(seed)
+    p = np.full(k, 0.5)
+    p[0], p[-1] = 0.5 + true_gap / 200, 0.5 - true_gap / 200
+    groups = np.repeat(np.arange(k), n).tolist()
+    plug, corrected, cover_plug, cover_corr = [], [], 0, 0
+    for _ in range(n_sims):
+        hits = rng.random(k * n) < np.repeat(p, n)
+        hyps = ["y" if h else "n" for h in hits]
+        r = M.fairness_report(HIT, hyps, ["y"] * (k * n), groups, min_group_size=30, n_resamples=200,
+                              seed=int(rng.integers(1 << 30)))
+        plug.append(r.gap)
+        corrected.append(r.gap_corrected)
+        cover_plug += r.ci["gap"][0] <= true_gap <= r.ci["gap"][1]
+        cover_corr += r.ci["gap_corrected"][0] <= true_gap <= r.ci["gap_corrected"][1]
+    return np.mean(plug), np.mean(corrected), np.median(corrected), cover_plug / n_sims, cover_corr / n_sims
+
+
+def test_the_gap_by_simulation_no_gap():
+    """True gap 0: the plug-in max - min is ~4 points too high and its interval never covers 0; the
+    null-corrected gap is 0 in most test sets (median) and its interval covers 0."""
+    plug, corr_mean, corr_median, cover_plug, cover_corr = _simulated_gap(0.0, n_sims=40, seed=1)
+    assert 3.0 < plug < 5.5 and cover_plug < 0.1  # the bias and the miss the study used to have
+    assert corr_median == 0.0 and corr_mean < 2.0  # mean bias ~1.5: see metrics._null_corrected
+    assert cover_corr >= 0.9
+
+
+def test_the_gap_by_simulation_gap_20():
+    """True gap 20 between two of four groups: both estimates within 1 point, both intervals near 95%."""
+    plug, corr_mean, _, cover_plug, cover_corr = _simulated_gap(20.0, n_sims=40, seed=2)
+    assert abs(plug - 20) < 1.0 and abs(corr_mean - 20) < 1.0
+    assert 0.85 <= cover_plug <= 1.0 and 0.85 <= cover_corr <= 1.0
