@@ -235,8 +235,11 @@ def score(predictions, records, attributes=("race", "age", "gender"), dataset="m
     flagged "small" but left out of the gap and ES (metrics.fairness_report). m_all="whole_set" is the
     paper's ES numerator; "group_mean" the official script's. Returns a JSON-serialisable dict:
         overall[metric] = {score, ci}
-        fairness[attribute][metric] = {m_all, gap, es, ci: {m_all, gap, es},
+        fairness[attribute][metric] = {m_all, gap, es, ci: {m_all, gap, es, gap_corrected},
+                                       gap_null: {mean, q95, mean_sq}, gap_corrected,
                                        groups: {name: {score, n, small, ci}}}
+    (with n_resamples > 0: stratified bootstrap intervals, the gap's permutation null and the
+    null-corrected gap, see metrics.fairness_report)
     """
     hyps, refs = match_predictions(predictions, records)
     extra_metrics = extra_metrics or {}  # {short column name: metrics.Metric}, e.g. a benchmark's own labeler
@@ -255,7 +258,9 @@ def score(predictions, records, attributes=("race", "age", "gender"), dataset="m
     for r in reports:
         out["fairness"].setdefault(r.attribute, {})[r.metric] = {
             "m_all": r.m_all, "gap": r.gap, "es": r.es,
-            "ci": {k: _pair(r.ci[k]) for k in ("m_all", "gap", "es") if k in r.ci},
+            "ci": {k: _pair(r.ci[k]) for k in ("m_all", "gap", "es", "gap_corrected") if k in r.ci},
+            **({"gap_null": {k: _num(v) for k, v in r.gap_null.items()}, "gap_corrected": _num(r.gap_corrected)}
+               if r.gap_null else {}),
             "groups": {g: {"score": s.score, "n": s.n, "small": s.small,
                            **({"ci": _pair(r.group_ci[g])} if g in r.group_ci else {})}
                        for g, s in r.groups.items()},
