@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass, field, fields
 
 import data
-from fairness import H_NORMS, NEGATIVE_CHOICES, POOL_CHOICES, PROTOCOLS, TOKEN_CHOICES, FairnessConfig
+from fairness import DAC_INITS, H_NORMS, NEGATIVE_CHOICES, POOL_CHOICES, PROTOCOLS, TOKEN_CHOICES, FairnessConfig
 from lora import LoRAConfig
 
 
@@ -144,7 +144,7 @@ GROUP_OF = {name: title for title, names in GROUPS.items() for name in names}
 CHOICES = {"stage": (1, 2), "dataset": tuple(sorted(data.DATASETS)), "method": METHODS, "dtype": DTYPES,
            "balance_on": tuple(data.ATTRIBUTES), "fair.attributes": tuple(data.ATTRIBUTES),
            "fair.tokens": TOKEN_CHOICES, "fair.pool": POOL_CHOICES, "fair.negatives": NEGATIVE_CHOICES,
-           "fair.protocol": PROTOCOLS, "fair.h_norm": H_NORMS}
+           "fair.protocol": PROTOCOLS, "fair.h_norm": H_NORMS, "fair.dac_init": DAC_INITS}
 
 
 def _add_flag(p, flag, default, help, dest):

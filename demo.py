@@ -63,6 +63,7 @@ LLM = dict(hidden_size=128, intermediate_size=344, num_hidden_layers=4, num_atte
            num_key_value_heads=4, max_position_embeddings=512)
 VIT = VisionConfig(image_size=64, patch_size=16, width=64, depth=4, num_heads=2, mlp_dim=128)
 LABELS = {"lora": "LoRA (LLaVA-Rad baseline)", "fairllava": "FairLLaVA (paper protocol)",
+          "fairllava_official": "FairLLaVA (official code)",
           "fairllava_batch": "FairLLaVA (batch-standardised h)", "resample": "Resampling", "reweight": "Reweighting"}
 
 
@@ -297,6 +298,10 @@ def method_settings(cfg, method):
     if method == "fairllava":
         return dict(method="fairllava", dac_lr=cfg.dac_lr,
                     fair=FairnessConfig(lambdas={a: v * cfg.lambda_scale for a, v in lam.items()}))
+    if method == "fairllava_official":  # as the official code trains: REFERENCE.md, "How the official code trains phi"
+        return dict(method="fairllava", dac_lr=cfg.lr, fair=FairnessConfig(
+            protocol="single_step", pool="random_token", h_norm="l2", smooth_abs=True, dac_init="normal",
+            lambdas={a: v * cfg.lambda_scale for a, v in lam.items()}))
     if method == "fairllava_batch":
         return dict(method="fairllava", dac_lr=cfg.variant_dac_lr, fair=FairnessConfig(
             h_norm="batch", dac_steps=cfg.variant_dac_steps, dac_memory=cfg.variant_dac_memory,

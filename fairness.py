@@ -66,6 +66,7 @@ POOL_CHOICES = ("mean", "random_token")
 NEGATIVE_CHOICES = ("off_diagonal", "all")
 PROTOCOLS = ("alternating", "single_step")
 H_NORMS = ("none", "l2", "batch")
+DAC_INITS = ("torch", "normal")
 
 
 def _official_head_sizes():
@@ -100,6 +101,9 @@ class FairnessConfig:
         help="CLUB's negative pairs: off_diagonal (official) | all (original CLUB)"))
     smooth_abs: bool = field(default=True, metadata=dict(help="penalty sqrt(CLUB^2 + eps) (official) instead of CLUB"))
     smooth_eps: float = field(default=1e-6, metadata=dict(help=None))
+    dac_init: str = field(default="torch", metadata=dict(
+        help="phi's initial weights: torch (nn.Linear's default) | normal (the official code: HF's normal, "
+             "std 0.02, zero bias)"))
 
     def __post_init__(self):
         self.attributes = tuple(self.attributes)
@@ -133,7 +137,8 @@ class FairnessConfig:
             raise ValueError(f"FairnessConfig.layer must be one of {LAYER_NAMES} or an int, got {self.layer!r}")
         for name, value, choices in [("tokens", self.tokens, TOKEN_CHOICES), ("pool", self.pool, POOL_CHOICES),
                                      ("negatives", self.negatives, NEGATIVE_CHOICES),
-                                     ("protocol", self.protocol, PROTOCOLS), ("h_norm", self.h_norm, H_NORMS)]:
+                                     ("protocol", self.protocol, PROTOCOLS), ("h_norm", self.h_norm, H_NORMS),
+                                     ("dac_init", self.dac_init, DAC_INITS)]:
             if value not in choices:
                 raise ValueError(f"FairnessConfig.{name} must be one of {choices}, got {value!r}")
 
@@ -359,6 +364,10 @@ class FairnessRegularizer(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.dac = DAC(hidden_size, {a: cfg.num_classes[a] for a in cfg.attributes})
+        if cfg.dac_init == "normal":  # as HF initialises the official code's phi
+            for head in self.dac.heads.values():
+                nn.init.normal_(head.weight, std=0.02)
+                nn.init.zeros_(head.bias)
         if cfg.dac_memory:  # FIFO of earlier batches' normalised sg(h) and labels; buffers, so checkpointed
             self.register_buffer("memory_h", torch.zeros(cfg.dac_memory, hidden_size))
             self.register_buffer("memory_y", torch.full((cfg.dac_memory, len(cfg.attributes)), UNKNOWN))

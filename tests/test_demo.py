@@ -227,6 +227,30 @@ def test_batch_variant_uses_its_own_settings():
     assert effective(DemoConfig(variant_lambda_scale=0.0), "fairllava_batch").fair.lambdas == dict.fromkeys(official, 0.0)
 
 
+def test_official_code_arm_trains_as_the_official_code():
+    """REFERENCE.md: one optimizer step (phi in the same AdamW at the backbone's lr), one random image
+    token per sample L2-normalised, smooth |CLUB|, phi initialised as HF does (normal, std 0.02)."""
+    cfg = DemoConfig(lr=2e-3, lambda_scale=0.5)
+    t = effective(cfg, "fairllava_official")
+    assert t.method == "fairllava" and t.dac_lr == cfg.lr
+    f = t.fair
+    assert (f.protocol, f.pool, f.h_norm, f.smooth_abs, f.dac_init) == ("single_step", "random_token", "l2", True, "normal")
+    assert f.lambdas == {a: v * 0.5 for a, v in FairnessConfig().lambdas.items()}
+    assert (f.layer, f.tokens, f.dac_weight) == ("mid", "image", 1.0)
+
+
+def test_official_init_of_phi():
+    from fairness import FairnessRegularizer
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    reg = FairnessRegularizer(FairnessConfig(dac_init="normal"), 4096)
+    w = torch.cat([h.weight.flatten() for h in reg.dac.heads.values()])
+    assert abs(w.std().item() - 0.02) < 0.001 and abs(w.mean().item()) < 0.001
+    assert all((h.bias == 0).all() for h in reg.dac.heads.values())
+    with pytest.raises(ValueError, match="dac_init"):
+        FairnessConfig(dac_init="xavier")
+
+
 @pytest.mark.parametrize("method", ["lora", "resample", "reweight"])
 def test_baselines_are_plain(method):
     assert demo.method_settings(DemoConfig(lambda_scale=7.0), method) == {"method": method}
