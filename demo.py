@@ -254,8 +254,10 @@ def pretrain_llm(data_dir, out_dir, steps=300, batch=32, seed=1234):
 
 
 def pretrain_vit(data_dir, out_dir, steps=800, batch=64, seed=1234):
-    """The tiny ViT learns the findings and, as real towers do without being asked (Gichoya et
-    al.), race, age group and sex. The pretrain split is decorrelated: no finding-race link to learn."""
+    """The tiny ViT learns the findings and, with explicit heads for them, race, age group and sex:
+    real towers encode these without being trained to (Gichoya et al.); this one is trained to, so
+    that its features carry them as a real tower's do. The pretrain split is decorrelated: no
+    finding-race link to learn."""
     items = json.loads((data_dir / "pretrain.json").read_text())
     recs = data.read_llava_json(data_dir / "pretrain.json")
     proc = data.ImageProcessor(VIT.image_size, VIT.mean, VIT.std)
