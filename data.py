@@ -28,6 +28,7 @@ import json
 import math
 import os
 import struct
+import sys
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -176,6 +177,16 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
         if action.default in ("", None):
             return f"{action.help} (default: not set)"
         return super()._get_help_string(action)
+
+
+def command_line(prog, main, argv=None, status=2):
+    """main(argv), with bad input (ValueError, OSError: a flag, a path, a file's content) ending as
+    one line `PROG: error: ...` on stderr and exit `status`, never a traceback."""
+    try:
+        return main(argv)
+    except (ValueError, OSError) as e:
+        print(f"{prog}: error: {one_line(e)}", file=sys.stderr)
+        sys.exit(status)
 
 
 def nearest_existing(path):

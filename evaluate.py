@@ -52,9 +52,9 @@ from tqdm import tqdm
 
 import metrics
 import outputs
-from data import (ATTRIBUTES, DATASETS, UNKNOWN, HelpFormatter, ImageProcessor, OneLineParser, nearest_existing, ReportDataset, clip, collate,
-                  conversation_prompt, group_names, load_image, load_tokenizer, one_line, read_llava_json,
-                  recorded_attributes, tokenize_with_image, tokenizer_file)
+from data import (ATTRIBUTES, DATASETS, UNKNOWN, HelpFormatter, ImageProcessor, OneLineParser, ReportDataset, clip,
+                  collate, command_line, conversation_prompt, group_names, load_image, load_tokenizer,
+                  nearest_existing, read_llava_json, recorded_attributes, tokenize_with_image, tokenizer_file)
 from fairness import FairnessConfig, fit_linear_probe, pool_hidden, token_mask
 from lora import load_peft_adapter, merge_lora
 from checkpoint import load_llava, read_llama_config, resolve_path, weight_files
@@ -978,11 +978,7 @@ def main(argv=None):
 
 def cli(argv=None):
     """main, with bad input ending as one line on stderr and exit status 1, not a traceback."""
-    try:
-        return main(argv)
-    except (ValueError, OSError) as e:
-        print(f"evaluate.py: error: {one_line(e)}", file=sys.stderr)
-        sys.exit(1)
+    return command_line("evaluate.py", main, argv, status=1)
 
 
 if __name__ == "__main__":

@@ -13,10 +13,10 @@ an HF folder or hub id (loaded by checkpoint.load_llama; the tokenizer by data.l
     python generate.py --llm lmsys/vicuna-7b-v1.5 --prompt "The chest X-ray shows" --max-new-tokens 32
 """
 
-import sys
-
 import torch
 
+from checkpoint import load_llama, resolve_path
+from data import HelpFormatter, OneLineParser, command_line, load_tokenizer
 from model import LlavaModel, rope_cos_sin
 
 
@@ -134,7 +134,6 @@ def generate(model, prompts, pixel_values=None, max_new_tokens=256, temperature=
 
 
 def parse_args(argv=None):
-    from data import HelpFormatter, OneLineParser
     p = OneLineParser(prog="generate.py", formatter_class=HelpFormatter,
                       description="Print a greedy continuation of --prompt from a Llama-architecture model.")
     p.add_argument("--llm", required=True, help="an HF Llama folder (config.json + weights) or hub id")
@@ -158,8 +157,6 @@ def parse_args(argv=None):
 
 def run(args):
     """Load, encode, generate greedily, print the new text. Returns the new token ids."""
-    from checkpoint import load_llama, resolve_path
-    from data import load_tokenizer
     folder = resolve_path(args.llm, ["*.json", "*.safetensors", "*.bin", "tokenizer*"])
     tokenizer = load_tokenizer(args.tokenizer or folder)
     llm = load_llama(folder, dtype=getattr(torch, args.dtype), device=args.device).eval()
@@ -180,13 +177,7 @@ def run(args):
 
 def main(argv=None):
     """run(), with bad input (flags, paths, files) ending as one line on stderr and exit status 2."""
-    from data import one_line
-    args = parse_args(argv)
-    try:
-        return run(args)
-    except (ValueError, OSError) as e:
-        print(f"generate.py: error: {one_line(e)}", file=sys.stderr)
-        sys.exit(2)
+    return command_line("generate.py", lambda a: run(parse_args(a)), argv)
 
 
 if __name__ == "__main__":
