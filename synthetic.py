@@ -73,7 +73,11 @@ class SyntheticConfig:
     n_test: int = 2400  # 600 per race group: one group's F1 to about +-3 points
     n_swap: int = 400  # white and black test cases re-rendered with each other's race trace
     size: int = 64  # image side in pixels
-    seed: int = 0
+    seed: int = 0  # the draw
+    # None: the pretrain split (so the tokenizer and the demo's base models) comes from `seed` too; an
+    # int fixes it across draws, so that a draw changes the patients and not the readers
+    # (docs/benchmark_draws.md)
+    base_seed: int | None = None
     shortcut_strength: float = 1.0  # 0: findings independent of race in training; 1: the rates below
     disadvantaged_race: int = 1  # black
     p_disadvantaged: float = 0.08  # P(each shortcut finding | disadvantaged race) in training at strength 1
@@ -89,6 +93,9 @@ class SyntheticConfig:
 
     def __post_init__(self):
         self.race_p, self.age_given_race = tuple(self.race_p), tuple(map(tuple, self.age_given_race))
+        for name, value in (("seed", self.seed), ("base_seed", self.base_seed)):
+            if value is not None and not (isinstance(value, int) and 0 <= value < 2 ** 32):
+                raise ValueError(f"SyntheticConfig.{name} must be an integer in [0, 2**32), got {value!r}")
         for name in ("n_pretrain", "n_train", "n_val", "n_test", "n_swap"):
             if getattr(self, name) < 0:
                 raise ValueError(f"SyntheticConfig.{name} must be >= 0, got {getattr(self, name)}")
@@ -332,14 +339,15 @@ _INDICATIONS = ("Shortness of breath.", "Chest pain.", "Cough and fever, evaluat
 
 def _case(cfg, split, k, i):
     """Case i of split number k: demographics, findings, the render seed and the report text, all
-    from streams fixed by (seed, split, i)."""
-    rng = np.random.default_rng([cfg.seed, k, i])
+    from streams fixed by (seed, split, i); the pretrain split's by base_seed when it is set."""
+    seed = cfg.base_seed if split == "pretrain" and cfg.base_seed is not None else cfg.seed
+    rng = np.random.default_rng([seed, k, i])
     race, age, male, f = sample_case(rng, cfg, split)
     text = report(rng, f)
     indication = str(rng.choice(_INDICATIONS)) if rng.random() < 0.5 else None
     if f["devices"] and rng.random() < 0.5:
         indication = "Evaluate line placement."
-    return race, age, male, f, text, indication, [cfg.seed, k, i, 1]
+    return race, age, male, f, text, indication, [seed, k, i, 1]
 
 
 def _item(cfg, out, split, i, case, trace_race=None):
@@ -421,6 +429,8 @@ def main(argv=None):
         if type(f.default) in (int, float):  # the numeric knobs; tuples and flags keep their defaults
             ap.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default,
                             help=f"SyntheticConfig.{f.name}")
+    ap.add_argument("--base-seed", type=int, default=None,
+                    help="SyntheticConfig.base_seed: fixes the pretrain split (tokenizer, base models) across draws")
     args = ap.parse_args(argv)
     try:
         cfg = SyntheticConfig(**{f.name: getattr(args, f.name) for f in fields(SyntheticConfig) if hasattr(args, f.name)})
