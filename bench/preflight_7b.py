@@ -10,6 +10,7 @@ tokenizer fits in the 32k embedding); its images are decoded as in a real prefli
     python bench/preflight_7b.py             # prints the preflight table and its wall time
 """
 
+import argparse
 import json
 import os
 import subprocess
@@ -23,7 +24,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import checkpoint
+import checkpoint  # noqa: E402
 import synthetic  # noqa: E402
 from lora import LoRAConfig, apply_lora, lora_state_dict, PEFT_PREFIX  # noqa: E402
 from model import Llama, LlamaConfig, VisionConfig, VisionTransformer, build_projector  # noqa: E402
@@ -98,6 +99,7 @@ def write_stage2_inputs(root, cfg):
 
 
 def main():
+    argparse.ArgumentParser(description=__doc__.split("\n")[0]).parse_args()  # --help; no options
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         t0 = time.time()
