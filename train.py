@@ -100,10 +100,7 @@ class SyncedOptimizer:
             loss = closure() if closure is not None else None
             all_reduce_mean_([p.grad for p in self.params if p.grad is not None], self.d)
             return loss
-        if closure is None:
-            synced()
-            return self.opt.step()
-        return self.opt.step(synced)
+        return self.opt.step(synced)  # the optimizer calls synced (with or without a closure) before stepping
 
     def state_dict(self):
         return self.opt.state_dict()
@@ -216,6 +213,10 @@ class Run:
         locally and are averaged over ranks once, in the last one's backward."""
         return self.net.no_sync() if (self.d.world > 1 and skip_sync) else contextlib.nullcontext()
 
+    def warn(self, message):
+        if self.d.master:  # one line per event, not one per rank
+            print(message, file=sys.stderr)
+
     def set_lr(self, step):
         """One schedule for every learning rate, phi's included (as in the official run, where phi
         sits in the main optimizer); a function of the step alone, so resuming needs no state for it."""
@@ -311,7 +312,7 @@ def train_steps(run, step, log, quiet, progress):
                 save_checkpoint(out / "checkpoint.pt", cfg, run.model, run.fair, run.opt, run.dac_opt, step, run.d)
                 saved = step
             if cfg.stop_after and step >= cfg.stop_after:
-                print(f"stopping after step {step} (--stop-after)", file=sys.stderr) if run.d.master else None
+                run.warn(f"stopping after step {step} (--stop-after)")
                 return False
     except data.DataError as e:
         raise data.DataError(bad_item_stop(run, e, step, saved)) from None
@@ -376,8 +377,7 @@ def train_step(run, micro, step):
     all_reduce_mean_([finite], d)
     if finite.item() < 1.0:
         run.opt.zero_grad(set_to_none=True)
-        if d.master:
-            print(f"step {step}: non-finite loss ({loss_sum.item()}), step skipped", file=sys.stderr)
+        run.warn(f"step {step}: non-finite loss ({loss_sum.item()}), step skipped")
         all_reduce_mean_([loss_sum], d)
         return loss_sum.item(), stats, False
     if cfg.grad_clip > 0:
