@@ -147,6 +147,7 @@ def llama_config_from_hf(cfg, source="config.json"):
 
 
 def hf_config(cfg):
+    """LlamaConfig -> the config.json dict HF writes for it."""
     d = {f.name: getattr(cfg, f.name) for f in fields(cfg)}
     d.update(model_type="llama", architectures=["LlamaForCausalLM"], hidden_act="silu")
     return d
@@ -243,6 +244,9 @@ def _vision_trunk(sd, f):
 
 
 def _vision_config(trunk, num_heads, f):
+    if num_heads is not None and (isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1):
+        raise CheckpointError(f"{f}: the vision head count (--vision-heads, or heads in open_clip_config.json) "
+                              f"must be an integer >= 1, got {num_heads!r}")
     if "cls_token" in trunk and num_heads is not None:
         return VisionConfig.from_state_dict(trunk, head_dim=trunk["cls_token"].shape[-1] // num_heads, source=str(f))
     return VisionConfig.from_state_dict(trunk, source=str(f))

@@ -282,12 +282,23 @@ def _open_image(path, decode=True):
                 im.load()
     except Exception as e:
         raise _Bad("image", f"unreadable image {path}: {e}") from None
-    if decode and im.mode in HIGH_DEPTH_MODES:  # scaled by their maximum: negative or non-finite values would wrap
-        a = np.asarray(im, dtype=np.float32)
-        if not np.isfinite(a).all() or a.min() < 0:
-            raise _Bad("image", f"{path}: {im.mode}-mode pixels must be finite and >= 0 (intensities), found "
-                                f"{'non-finite values' if not np.isfinite(a).all() else f'a minimum of {a.min():g}'}")
+    problem = _intensity_problem(im) if decode else None
+    if problem:
+        raise _Bad("image", f"{path}: {problem}")
     return im
+
+
+def _intensity_problem(image):
+    """What is wrong with a 16/32-bit or float image's pixels, or None. ImageProcessor scales these by
+    their maximum into 8 bits, so a negative or non-finite value would wrap around."""
+    if image.mode not in HIGH_DEPTH_MODES:
+        return None
+    a = np.asarray(image, dtype=np.float32)
+    if not np.isfinite(a).all():
+        return f"{image.mode}-mode pixels must be finite and >= 0 (intensities), found non-finite values"
+    if a.min() < 0:
+        return f"{image.mode}-mode pixels must be finite and >= 0 (intensities), found a minimum of {a.min():g}"
+    return None
 
 
 def read_llava_json(path, dataset="mimic", image_root=None, on_error="raise", check_images=True,
@@ -499,10 +510,11 @@ class ImageProcessor:
     std: tuple = VisionConfig.std
 
     def __call__(self, image):
+        problem = _intensity_problem(image)
+        if problem:
+            raise ValueError(problem)
         if image.mode in HIGH_DEPTH_MODES:
             a = np.asarray(image, dtype=np.float32)
-            if not np.isfinite(a).all() or a.min() < 0:
-                raise ValueError(f"{image.mode}-mode image: pixels must be finite and >= 0 (intensities)")
             image = Image.fromarray((a * (255.0 / max(float(a.max()), 1.0))).round().astype(np.uint8))
         image = image.convert("RGB")
         w, h = image.size

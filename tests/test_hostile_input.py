@@ -183,7 +183,7 @@ def test_a_float_image_with_negative_pixels(env, tmp_path, capsys):
     assert "F-mode pixels must be finite and >= 0" in line and "neg.tiff" in line
     with pytest.raises(data.DataError, match="F-mode pixels must be finite and >= 0"):
         data.load_image(tmp_path / "neg.tiff", "x")
-    with pytest.raises(ValueError, match="F-mode image"):
+    with pytest.raises(ValueError, match=r"F-mode pixels must be finite and >= 0 \(intensities\), found a minimum of -50"):
         data.ImageProcessor(32)(Image.fromarray(a, mode="F"))
 
 
@@ -476,3 +476,16 @@ def test_a_test_item_whose_image_is_a_list(env, tmp_path, capsys):
         else:
             line = one_line(evaluate.cli, eval_argv(env, tmp_path / "out", "--test-json", str(test)), capsys, "evaluate.py")
             assert "field 'image': expected a file path (a string), got a JSON list" in line
+
+
+@pytest.mark.parametrize("heads", ["2", 0])
+def test_a_bad_vision_head_count_in_open_clip_config(env, tmp_path, capsys, heads):
+    vision = tmp_path / "vision"
+    shutil.copytree(env / "vision", vision)
+    (vision / "open_clip_config.json").write_text(json.dumps({"model_cfg": {"vision_cfg": {"heads": heads}}}))
+    argv = eval_argv(env, tmp_path / "out")
+    argv[argv.index("--vision-heads"):argv.index("--vision-heads") + 2] = []  # the config's count is used
+    argv[argv.index("--vision") + 1] = str(vision)
+    line = one_line(evaluate.cli, argv, capsys, "evaluate.py")
+    assert f"the vision head count (--vision-heads, or heads in open_clip_config.json) must be an integer >= 1, " \
+           f"got {heads!r}" in line
