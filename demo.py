@@ -57,6 +57,7 @@ from fairness import FairnessConfig
 from lora import LoRAConfig
 from config import TrainConfig
 from train import cosine_lr, train
+from train_io import run_inputs
 
 # The stand-in base models (fixed: they play the role of downloaded weights).
 LLM = dict(hidden_size=128, intermediate_size=344, num_hidden_layers=4, num_attention_heads=4,
@@ -351,8 +352,7 @@ def contents(*paths):
 def run_key(tcfg):
     """A training unit's key: its settings and the content of what it reads (the base models, the
     data and, for stage 2, stage 1's projector: a retrained stage 1 means a new stage 2)."""
-    inputs = [tcfg.llm, tcfg.vision, tcfg.train_json] + [p for p in (tcfg.projector, tcfg.monitor_json) if p]
-    return {**asdict(tcfg), "inputs": contents(*inputs)}
+    return {**asdict(tcfg), "inputs": contents(*dict.fromkeys(p for p in run_inputs(tcfg).values() if p))}
 
 
 def run_unit(tcfg, name, overwrite):

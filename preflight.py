@@ -39,7 +39,7 @@ from checkpoint import (_llama_keys, _projector_keys, _vision_config, _vision_fi
                         check_state_dict, read_llama_config, resolve_path, weight_files)
 from fast import LOSS_CHUNK_ELEMENTS
 from model import CheckpointError, Llama, LlamaConfig, LlavaModel, VisionConfig, VisionTransformer, build_projector
-from train_io import check_out, check_resume_flags
+from train_io import INPUT_KINDS, check_out, check_resume_flags, run_inputs
 
 GIB = 1024 ** 3
 
@@ -428,7 +428,6 @@ def dry_run(cfg, llm_cfg=None, vision_cfg=None):
     dac_n = sum(p.numel() for p in fair.parameters())
     c, B, T = model.llm.config, cfg.batch_size, cfg.max_length
     H, L, V, I = c.hidden_size, c.num_hidden_layers, c.vocab_size, c.intermediate_size
-    GB = 1024 ** 3
     w = 2 if cfg.dtype == "bf16" else 4
     mem = {
         "frozen weights": frozen * w,
@@ -458,8 +457,8 @@ def dry_run(cfg, llm_cfg=None, vision_cfg=None):
         mem["layer inputs kept by checkpointing"] = 0
         mem["all layers' activations (no checkpointing)"] = L * B * T * (10 * H + 4 * I + 14 * cfg.lora.r) * w
     for k, v in mem.items():
-        print(f"  {k:<70} {v / GB:7.2f} GiB")
-    print(f"  {'total (excluding allocator slack and CUDA context, ~1-2 GiB)':<70} {sum(mem.values()) / GB:7.2f} GiB")
+        print(f"  {k:<70} {v / GIB:7.2f} GiB")
+    print(f"  {'total (excluding allocator slack and CUDA context, ~1-2 GiB)':<70} {sum(mem.values()) / GIB:7.2f} GiB")
     return sum(mem.values())
 
 
@@ -470,11 +469,8 @@ CHECKPOINT_BYTES_PER_PARAM = 4 * 3
 def check_train_run(cfg, args):
     """train.py --preflight with the run's flags: one table of checks -> exit status 0 or 2."""
     pf = Preflight()
-    paths = preflight_paths(pf, {
-        "--llm": (cfg.llm, "model"), "--vision": (cfg.vision, "model"), "--projector": (cfg.projector, "file"),
-        "--adapter": (cfg.adapter, "folder"), "--tokenizer": (cfg.tokenizer, "file or folder"),
-        "--train-json": (cfg.train_json, "file"), "--image-root": (cfg.image_root, "folder"),
-        "--monitor-json": (cfg.monitor_json, "file")}, required=("--train-json",))
+    paths = preflight_paths(pf, {flag: (path, INPUT_KINDS[flag]) for flag, path in run_inputs(cfg).items()},
+                            required=("--train-json",))
     if cfg.stage == 1 and paths.pop("--adapter", None) is not None:
         pf.skip("adapter", "stage 1 trains the projector only; --adapter is not used")
     llm, vis, tok = preflight_model(pf, paths, cfg.vision_heads or None, cfg.lora)
@@ -580,10 +576,9 @@ def _preflight_gpu(pf, cfg, llm, vis):
         with contextlib.redirect_stdout(io.StringIO()):  # the table is the output, not dry_run's lines
             need = dry_run(cfg, llm, vis)
         free, total = torch.cuda.mem_get_info(0)
-        gib = 1024 ** 3
         if need > free:
-            raise ValueError(f"--dry-run estimates {need / gib:.1f} GiB per GPU at --batch-size {cfg.batch_size} x "
-                             f"--max-length {cfg.max_length}, {free / gib:.1f} GiB free of {total / gib:.1f} on "
+            raise ValueError(f"--dry-run estimates {need / GIB:.1f} GiB per GPU at --batch-size {cfg.batch_size} x "
+                             f"--max-length {cfg.max_length}, {free / GIB:.1f} GiB free of {total / GIB:.1f} on "
                              f"{torch.cuda.get_device_name(0)}")
-        return f"estimate {need / gib:.1f} GiB of {free / gib:.1f} GiB free ({torch.cuda.get_device_name(0)})"
+        return f"estimate {need / GIB:.1f} GiB of {free / GIB:.1f} GiB free ({torch.cuda.get_device_name(0)})"
     pf.check("gpu memory", row)

@@ -178,7 +178,7 @@ def check_out(cfg, overwrite):
     blocker = data.nearest_existing(out)
     if not blocker.is_dir():
         raise ValueError(f"--out {out}: {'' if blocker == out.absolute() else f'{blocker} '}is a file, not a folder")
-    for flag, path in _inputs(cfg).items():  # an input in --out would be cleared (--overwrite) or written over
+    for flag, path in run_inputs(cfg).items():  # an input in --out would be cleared (--overwrite) or written over
         if path and _inside(Path(path), out):
             raise ValueError(f"{flag} {path} lies inside --out {out}, which train.py writes (and --overwrite "
                              f"clears): copy it elsewhere or choose another --out")
@@ -199,11 +199,15 @@ def check_out(cfg, overwrite):
     return None
 
 
-def _inputs(cfg):
-    """The paths a run reads, by flag (hub ids included: they never lie inside --out)."""
-    return {"--llm": cfg.llm, "--vision": cfg.vision, "--tokenizer": cfg.tokenizer, "--projector": cfg.projector,
-            "--adapter": cfg.adapter, "--train-json": cfg.train_json, "--image-root": cfg.image_root,
-            "--monitor-json": cfg.monitor_json}
+# The inputs of a training run, by flag, and what each must be (the preflight checks them so).
+INPUT_KINDS = {"--llm": "model", "--vision": "model", "--projector": "file", "--adapter": "folder",
+               "--tokenizer": "file or folder", "--train-json": "file", "--image-root": "folder",
+               "--monitor-json": "file"}
+
+
+def run_inputs(cfg):
+    """{flag: path} of every input of the run ("" where not given; hub ids never lie inside --out)."""
+    return {flag: getattr(cfg, flag[2:].replace("-", "_")) for flag in INPUT_KINDS}
 
 
 def _inside(path, folder):
