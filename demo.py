@@ -1,31 +1,38 @@
 """The built-in demo: FairLLaVA on a synthetic chest X-ray benchmark with a real shortcut, on a CPU.
 
-    python3 demo.py                       # one seed, three methods, about 7 minutes on 2 CPU cores
-    python3 demo.py --seeds 0 1 2         # with 95% intervals over seeds and paired differences
-    python3 demo.py --study               # the README's study: seeds, lambda = 0, dose-response, controls (~28 min)
+    python3 demo.py                       # draw 1, seed 10, four methods: about 7 minutes on 2 CPU cores
+    python3 demo.py --seeds 10 11 12      # with 95% intervals over seeds and paired differences
+    python3 demo.py --study               # the README's study: 2 draws x 6 seeds, lambda = 0, controls, dose
+    python3 demo.py --check-draws 100 101 102 103 104 --seeds 0 --dir runs/draws   # the benchmark on other draws
     python3 demo.py --lr 1e-3 --dir runs/slow   # any setting below can be changed from the command line
 
 What it does, through the same code and file formats as a real run:
-1. synthetic.make_synthetic writes the benchmark (synthetic.py: black patients are under-diagnosed
-   in training; the held-out splits are decorrelated).
+1. synthetic.make_synthetic writes one draw of the benchmark (synthetic.py: black patients are
+   under-diagnosed in training; the held-out splits are decorrelated). A draw changes the patients;
+   the pretrain split, hence the tokenizer and the base models, is the same on every draw (--base-seed).
 2. Stand-ins for the public base models, pre-trained on the decorrelated "pretrain" split, so no
    shortcut hides in them: a tiny Llama on the report text ("Vicuna", HF layout) and a tiny ViT
    on the findings and the demographics ("BiomedCLIP", open_clip layout with open_clip_config.json).
 3. Per seed: stage 1 (projector), then stage 2 from that projector once per method:
-     lora             plain LoRA (the LLaVA-Rad baseline)
-     fairllava        FairLLaVA, the paper's protocol: h raw, one AdamW step of phi per batch
-     fairllava_batch  FairLLaVA with h standardised over the batch for phi and DIM (scale-blind),
-                      phi fitted 5 times per batch at lr 1e-2 on the batch and the last 512 h,
-                      lambdas x 0.3: settings chosen on the val split (docs/variant_selection.md)
+     lora                plain LoRA (the LLaVA-Rad baseline)
+     fairllava           FairLLaVA, the paper's protocol: h raw, one AdamW step of phi per batch
+     fairllava_official  FairLLaVA as the official code trains it: one optimizer step, one random
+                         image token per sample, L2-normalised
+     fairllava_batch     FairLLaVA with h standardised over the batch for phi and DIM (scale-blind),
+                         phi fitted 5 times per batch at lr 1e-2 on the batch and the last 512 h,
+                         lambdas x 0.3: settings chosen on the val split (docs/variant_selection.md)
+     <arm>_l0            that FairLLaVA arm with every lambda_a = 0 (a control)
    Each logs the mechanism on the val split (monitor.jsonl: a fresh probe, phi's accuracy, CLUB,
-   the spread of h) and is evaluated on the test split: BLEU, CheXpert-F1 and the benchmark's
-   Finding-F1 per group with gaps, ES-M and bootstrap intervals, per-group error rates, the
-   trace-swap flip rate, and a fresh probe's accuracy at reading each attribute from h.
+   the spread of h; the study logs it on the runs whose curves it draws) and is evaluated on the
+   test split: BLEU, CheXpert-F1 and the benchmark's Finding-F1 per group with gaps, ES-M and
+   stratified bootstrap intervals, per-group error rates, the trace-swap flip rate, and a fresh
+   probe's accuracy at reading each attribute from h.
 4. results.md (the tables), curves.png (the mechanism), summary.json (every number) in --dir.
 
 Every unit of work (data, base models, stage 1, each run, each evaluation) records the settings
-it was made with; a folder is reused only when they equal the requested ones, refused otherwise
-(--overwrite redoes it). Two worker processes train side by side (--workers), one thread each.
+and the content of the inputs it was made with; a folder is reused only when they equal the
+requested ones, refused otherwise (--overwrite redoes it): a killed study re-run redoes only its
+unfinished units. Two worker processes train side by side (--workers), one thread each.
 """
 
 import json
@@ -63,9 +70,12 @@ from train_io import run_inputs
 LLM = dict(hidden_size=128, intermediate_size=344, num_hidden_layers=4, num_attention_heads=4,
            num_key_value_heads=4, max_position_embeddings=512)
 VIT = VisionConfig(image_size=64, patch_size=16, width=64, depth=4, num_heads=2, mlp_dim=128)
-LABELS = {"lora": "LoRA (LLaVA-Rad baseline)", "fairllava": "FairLLaVA (paper protocol)",
-          "fairllava_official": "FairLLaVA (official code)",
-          "fairllava_batch": "FairLLaVA (batch-standardised h)", "resample": "Resampling", "reweight": "Reweighting"}
+FAIR_ARMS = {"fairllava": "FairLLaVA (paper protocol)", "fairllava_official": "FairLLaVA (official code)",
+             "fairllava_batch": "FairLLaVA (batch-standardised h)"}
+LABELS = {"lora": "LoRA (LLaVA-Rad baseline)", **FAIR_ARMS,
+          **{f"{m}_l0": f"{label}, lambda = 0" for m, label in FAIR_ARMS.items()},
+          "resample": "Resampling", "reweight": "Reweighting"}
+HEADLINE_ARMS = ("lora", "fairllava", "fairllava_official", "fairllava_batch")
 
 
 class DemoError(ValueError):
@@ -75,15 +85,17 @@ class DemoError(ValueError):
 @dataclass
 class DemoConfig:
     dir: str = field(default="runs/demo", metadata=dict(help="where data, models and results go"))
-    seeds: tuple = field(default=(0,), metadata=dict(help="seeds to run (intervals need 2 or more)"))
-    methods: tuple = field(default=("lora", "fairllava", "fairllava_batch"),
-                           metadata=dict(help=f"methods to compare: {', '.join(LABELS)}"))
+    seeds: tuple = field(default=(10,), metadata=dict(help="training seeds to run (intervals need 2 or more)"))
+    methods: tuple = field(default=HEADLINE_ARMS, metadata=dict(
+        help=f"methods to compare: {', '.join(LABELS)} (_l0: that arm with lambda = 0)"))
     workers: int = field(default=2, metadata=dict(help="training processes side by side (one thread each)"))
     overwrite: bool = field(default=False, metadata=dict(help="redo a folder whose recorded settings differ"))
     # the benchmark
     shortcut_strength: float = field(default=1.0, metadata=dict(help="0: no shortcut; 1: black 0.08 vs 0.40"))
     n_test: int = field(default=2400, metadata=dict(help="test cases (race drawn uniformly: about a quarter each)"))
-    data_seed: int = field(default=0, metadata=dict(help="seed of the synthetic data"))
+    data_seed: int = field(default=1, metadata=dict(help="the benchmark draw: seed of the synthetic patients"))
+    base_seed: int = field(default=1234, metadata=dict(
+        help="seed of the pretrain split, hence of the tokenizer and the stand-in base models (the same on every draw)"))
     # training: the 7B recipe at the scale of a 1M-parameter model (higher rates, smaller rank)
     stage1_lr: float = field(default=5e-3, metadata=dict(help="stage 1 learning rate"))
     stage1_epochs: float = field(default=3.0, metadata=dict(help="stage 1 epochs"))
@@ -91,13 +103,14 @@ class DemoConfig:
     epochs: float = field(default=3.0, metadata=dict(help="stage 2 epochs"))
     batch_size: int = field(default=16, metadata=dict(help="samples per step"))
     lora_r: int = field(default=16, metadata=dict(help="LoRA rank (alpha = 2 r)"))
-    dac_lr: float = field(default=1e-3, metadata=dict(help="phi's learning rate, paper protocol"))
-    lambda_scale: float = field(default=1.0, metadata=dict(help="paper protocol: lambdas x this"))
+    lambda_scale: float = field(default=1.0, metadata=dict(help="paper protocol and official code: lambdas x this"))
     variant_dac_lr: float = field(default=1e-2, metadata=dict(help="fairllava_batch: phi's learning rate"))
     variant_dac_steps: int = field(default=5, metadata=dict(help="fairllava_batch: phi steps per batch"))
     variant_dac_memory: int = field(default=512, metadata=dict(help="fairllava_batch: earlier h phi also fits"))
     variant_lambda_scale: float = field(default=0.3, metadata=dict(help="fairllava_batch: lambdas x this"))
-    study: bool = field(default=False, metadata=dict(help="run the whole study (about 28 minutes on 2 cores)"))
+    study: bool = field(default=False, metadata=dict(help="run the whole study (about 100 minutes on 2 cores)"))
+    check_draws: tuple = field(default=(), metadata=dict(
+        help="instead: LoRA and its shortcut-free control on each of these draws, first --seeds value"))
 
 
 def parse_args(argv=None):
@@ -107,7 +120,8 @@ def parse_args(argv=None):
         if isinstance(f.default, bool):
             p.add_argument(flag, action="store_true", help=f.metadata["help"])
         elif isinstance(f.default, tuple):
-            p.add_argument(flag, nargs="+", type=type(f.default[0]), default=list(f.default), help=f.metadata["help"])
+            p.add_argument(flag, nargs="+", type=type(f.default[0]) if f.default else int, default=list(f.default),
+                           help=f.metadata["help"])
         else:
             p.add_argument(flag, type=type(f.default), default=f.default, help=f.metadata["help"])
     a = p.parse_args(argv)
@@ -122,14 +136,21 @@ def parse_args(argv=None):
             p.error(f"{flag(name)} must be >= 1, got {getattr(cfg, name)}")
     if cfg.n_test < 240:  # 4 race groups of >= 30 reports (smaller groups are left out of the gap)
         p.error(f"--n-test must be >= 240 (4 race groups of at least 30 reports each), got {cfg.n_test}")
-    bad = [v for v in cfg.seeds + (cfg.data_seed,) if not 0 <= v < 2 ** 32]
+    bad = [v for v in cfg.seeds + (cfg.data_seed, cfg.base_seed) + cfg.check_draws if not 0 <= v < 2 ** 32]
     if bad:
-        p.error(f"--seeds and --data-seed must be in [0, 2**32) (numpy's seeds), got {bad[0]}")
+        p.error(f"--seeds, --data-seed, --base-seed and --check-draws must be in [0, 2**32) (numpy's seeds), got {bad[0]}")
     if len(set(cfg.seeds)) < len(cfg.seeds):
         p.error(f"--seeds lists a seed twice: {' '.join(map(str, cfg.seeds))}")
     if cfg.variant_dac_memory < 0:
         p.error(f"--variant-dac-memory must be >= 0, got {cfg.variant_dac_memory}")
-    for name in ("stage1_lr", "stage1_epochs", "lr", "epochs", "dac_lr", "variant_dac_lr"):
+    if cfg.study and cfg.check_draws:
+        p.error("--study and --check-draws are two runs: give one")
+    fixed = [flag(n) for n in ("seeds", "data_seed", "methods") if getattr(cfg, n) != getattr(DemoConfig, n)]
+    if cfg.study and fixed:
+        p.error(f"--study runs its own draws, seeds and arms (README, \"The study\"); {', '.join(fixed)} would not be used")
+    if cfg.check_draws and (len(cfg.seeds) != 1 or cfg.methods != DemoConfig.methods):
+        p.error("--check-draws trains LoRA and its control with one training seed: give one --seeds value, no --methods")
+    for name in ("stage1_lr", "stage1_epochs", "lr", "epochs", "variant_dac_lr"):
         if not (getattr(cfg, name) > 0 and math.isfinite(getattr(cfg, name))):
             p.error(f"{flag(name)} must be a finite number > 0, got {getattr(cfg, name)}")
     for name in ("shortcut_strength", "lambda_scale", "variant_lambda_scale"):
@@ -296,23 +317,27 @@ def pretrain_vit(data_dir, out_dir, steps=800, batch=64, seed=1234):
 
 
 def method_settings(cfg, method):
-    """TrainConfig fields of a demo method."""
+    """TrainConfig fields of a demo method; "<arm>_l0" is that FairLLaVA arm with every lambda_a = 0
+    (phi trains as in the arm, nothing of DIM reaches the backbone). Where each value comes from:
+    README, "The arms"."""
+    arm, scale = (method[:-3], 0.0) if method.endswith("_l0") else (method, None)
     lam = FairnessConfig().lambdas  # the official 0.2 / 0.6 / 0.1
-    if method == "fairllava":
-        return dict(method="fairllava", dac_lr=cfg.dac_lr,
-                    fair=FairnessConfig(lambdas={a: v * cfg.lambda_scale for a, v in lam.items()}))
-    if method == "fairllava_official":  # as the official code trains: REFERENCE.md, "How the official code trains phi"
+    lambdas = lambda default: {a: v * (default if scale is None else scale) for a, v in lam.items()}
+    if arm == "fairllava":  # the paper's Algorithm 1; phi at the backbone's lr and initialised as the official code does
+        return dict(method="fairllava", dac_lr=cfg.lr, fair=FairnessConfig(dac_init="normal",
+                                                                           lambdas=lambdas(cfg.lambda_scale)))
+    if arm == "fairllava_official":  # as the official code trains: REFERENCE.md, "How the official code trains phi"
         return dict(method="fairllava", dac_lr=cfg.lr, fair=FairnessConfig(
             protocol="single_step", pool="random_token", h_norm="l2", smooth_abs=True, dac_init="normal",
-            lambdas={a: v * cfg.lambda_scale for a, v in lam.items()}))
-    if method == "fairllava_batch":
+            lambdas=lambdas(cfg.lambda_scale)))
+    if arm == "fairllava_batch":
         return dict(method="fairllava", dac_lr=cfg.variant_dac_lr, fair=FairnessConfig(
             h_norm="batch", dac_steps=cfg.variant_dac_steps, dac_memory=cfg.variant_dac_memory,
-            lambdas={a: v * cfg.variant_lambda_scale for a, v in lam.items()}))
+            lambdas=lambdas(cfg.variant_lambda_scale)))
     return dict(method=method)
 
 
-def train_config(cfg, paths, seed, stage, out, **kw):
+def train_config(cfg, paths, seed, stage, out, monitor=True, **kw):
     base = dict(llm=str(paths["base"] / "llm"), vision=str(paths["base"] / "vision"),
                 tokenizer=str(paths["base"] / "llm"), train_json=str(paths["data"] / "train.json"), dataset="mimic",
                 seed=seed, batch_size=cfg.batch_size, grad_accum=1, num_workers=0, max_length=256, dtype="fp32",
@@ -321,8 +346,9 @@ def train_config(cfg, paths, seed, stage, out, **kw):
     if stage == 1:
         base.update(method="lora", lr=cfg.stage1_lr, epochs=cfg.stage1_epochs)
     else:
-        base.update(lr=cfg.lr, epochs=cfg.epochs, projector=str(Path(paths["stage1"]) / "mm_projector.bin"),
-                    monitor_json=str(paths["data"] / "val.json"), monitor_every=25, monitor_n=400)
+        base.update(lr=cfg.lr, epochs=cfg.epochs, projector=str(Path(paths["stage1"]) / "mm_projector.bin"))
+        if monitor:  # the curves; the monitor draws no random numbers (the adapter is the same without it)
+            base.update(monitor_json=str(paths["data"] / "val.json"), monitor_every=25, monitor_n=400)
     base.update(kw)
     return TrainConfig(**base)
 
@@ -359,7 +385,7 @@ def run_unit(tcfg, name, overwrite):
     """Train one stage (in a worker): skipped when the folder holds a finished run of the same settings."""
     torch.set_num_threads(1)  # tiny tensors: one thread each, two processes side by side
     out = Path(tcfg.out)
-    key, root = run_key(tcfg), out.parent.parent  # out = DIR/seedS/NAME
+    key, root = run_key(tcfg), out.parents[2]  # out = DIR/drawD/seedS/NAME
     if unit(out, key, overwrite, root):
         say(f"{name}: reused {out}")
         return
@@ -380,7 +406,7 @@ def evaluate_unit(tcfg, paths, name, overwrite):
     key = {"run": run_key(tcfg), "test": str(paths["data"] / "test.json"), "max_new_tokens": 96, "n_resamples": 200,
            "bootstrap": "stratified, with the gap's permutation null",
            "inputs": contents(run / "mm_projector.bin", run / "adapter", *(paths["data"] / f"{s}.json" for s in SPLITS))}
-    root = run.parent.parent
+    root = run.parents[2]
     if unit(out, key, overwrite, root):
         return json.loads((out / "results.json").read_text())
     t = time.time()
@@ -415,21 +441,21 @@ def stage2_and_eval(tcfg, paths, name, overwrite):
 # the pipeline
 
 
-def prepare(cfg, root, pool, strength=None, uniform_train=False, name="data"):
-    """The benchmark (one folder per shortcut setting) and the base models (shared: they depend
-    on the pretrain split only, which no shortcut setting changes)."""
-    scfg = synthetic.SyntheticConfig(n_test=cfg.n_test, seed=cfg.data_seed, uniform_train=uniform_train,
+def prepare(cfg, root, pool, draw, strength=None, uniform_train=False, name="data"):
+    """One draw's benchmark (a folder per shortcut setting, under DIR/drawD) and the base models
+    (DIR/base, shared by every draw: they read the pretrain split only, which base_seed fixes)."""
+    scfg = synthetic.SyntheticConfig(n_test=cfg.n_test, seed=draw, base_seed=cfg.base_seed, uniform_train=uniform_train,
                                      shortcut_strength=cfg.shortcut_strength if strength is None else strength)
-    data_dir = root / name
+    data_dir = root / f"draw{draw}" / name
     if not unit(data_dir, asdict(scfg), cfg.overwrite):
         t = time.time()
         synthetic.make_synthetic(data_dir, scfg)
         done(data_dir, asdict(scfg))
-        say(f"benchmark written to {data_dir} ({time.time() - t:.0f}s)")
+        say(f"draw {draw}: benchmark written to {data_dir} ({time.time() - t:.0f}s)")
     base = root / "base"
-    pre = {k: v for k, v in asdict(scfg).items() if k not in ("n_train", "n_val", "n_test", "n_swap",
-                                                              "shortcut_strength", "uniform_train")}
-    if pool is not None and not unit(base, pre, cfg.overwrite):
+    per_split = ("n_train", "n_val", "n_test", "n_swap", "shortcut_strength", "uniform_train")
+    pre = {k: v for k, v in asdict(scfg).items() if k not in per_split + (("seed",) if cfg.base_seed is not None else ())}
+    if not unit(base, pre, cfg.overwrite):
         t = time.time()
         jobs = [pool.submit(_pretrain, fn, data_dir, base / sub) for fn, sub in (("llm", "llm"), ("vit", "vision"))]
         [j.result() for j in jobs]
@@ -453,32 +479,83 @@ def _pretrain(which, data_dir, out):
     (pretrain_llm if which == "llm" else pretrain_vit)(data_dir, out)
 
 
+@dataclass
+class Spec:
+    """One stage-2 run of the demo or the study: `method` trained on `paths` (a draw's data folder
+    and the base models) with training seed `seed`, in DIR/drawD/seedS/`tag`."""
+    paths: dict
+    draw: int
+    seed: int
+    method: str
+    tag: str = ""
+    extra: dict = field(default_factory=dict)  # TrainConfig fields over the method's
+    monitor: bool = False  # log the mechanism on val (monitor.jsonl): the curves
+
+    def __post_init__(self):
+        self.tag = self.tag or self.method
+
+
+def _timed(fn, *args):
+    t = time.time()
+    out = fn(*args)
+    return out, time.time() - t
+
+
+def _wait(jobs, what, workers):
+    """Collect finished jobs {key: future of (result, seconds)} with a progress line and an ETA from
+    the units done so far (a reused unit takes no time and does not count towards the rate)."""
+    from concurrent.futures import as_completed
+    keys = {f: k for k, f in jobs.items()}
+    out, worked, t0 = {}, [], time.time()
+    for n, f in enumerate(as_completed(keys), 1):
+        res, secs = f.result()
+        out[keys[f]] = res
+        if secs > 5:
+            worked.append(secs)
+        left = len(jobs) - n
+        eta = f", about {left * np.mean(worked) / workers / 60:.0f} min left" if worked and left else ""
+        say(f"{what}: {n}/{len(jobs)} done ({(time.time() - t0) / 60:.1f} min{eta})")
+    return out
+
+
 def run_runs(cfg, pool, specs):
-    """specs: [(paths, seed, method, tag, extra TrainConfig fields)] -> {tag: results}. Stage 1 of
-    each (data, seed) first, then every stage 2 + evaluation, two at a time."""
+    """[Spec] -> {(draw, seed, tag): results}. Stage 1 of each (data, seed) first, then every stage 2
+    + evaluation, `cfg.workers` at a time."""
     stage1 = {}
-    for paths, seed, *_ in specs:
-        s1 = paths["data"].parent / f"seed{seed}" / f"stage1_{paths['data'].name}"
-        stage1.setdefault(str(s1), (train_config(cfg, paths, seed, 1, s1), f"seed {seed} stage 1 ({paths['data'].name})"))
-    [j.result() for j in [pool.submit(run_unit, t, n, cfg.overwrite) for t, n in stage1.values()]]
+    for sp in specs:
+        s1 = sp.paths["data"].parent / f"seed{sp.seed}" / f"stage1_{sp.paths['data'].name}"
+        stage1.setdefault(str(s1), (train_config(cfg, sp.paths, sp.seed, 1, s1),
+                                    f"draw {sp.draw} seed {sp.seed} stage 1 ({sp.paths['data'].name})"))
+    _wait({k: pool.submit(_timed, run_unit, t, n, cfg.overwrite) for k, (t, n) in stage1.items()}, "stage 1",
+          cfg.workers)
     jobs = {}
-    for paths, seed, method, tag, extra in specs:
-        s1 = paths["data"].parent / f"seed{seed}" / f"stage1_{paths['data'].name}"
-        p = {**paths, "stage1": s1}
-        out = paths["data"].parent / f"seed{seed}" / tag
-        tcfg = train_config(cfg, p, seed, 2, out, **{**method_settings(cfg, method), **extra})
-        jobs[(seed, tag)] = pool.submit(stage2_and_eval, tcfg, p, f"seed {seed} {tag}", cfg.overwrite)
-    return {k: j.result() for k, j in jobs.items()}
+    for sp in specs:
+        s1 = sp.paths["data"].parent / f"seed{sp.seed}" / f"stage1_{sp.paths['data'].name}"
+        p = {**sp.paths, "stage1": s1}
+        out = sp.paths["data"].parent / f"seed{sp.seed}" / sp.tag
+        tcfg = train_config(cfg, p, sp.seed, 2, out, monitor=sp.monitor, **{**method_settings(cfg, sp.method), **sp.extra})
+        jobs[(sp.draw, sp.seed, sp.tag)] = pool.submit(_timed, stage2_and_eval, tcfg, p,
+                                                       f"draw {sp.draw} seed {sp.seed} {sp.tag}", cfg.overwrite)
+    return _wait(jobs, "stage 2 + evaluation", cfg.workers)
 
 
 # ----------------------------------------------------------------------------------------------
 # tables, figures, summary.json
+
+COLLAPSE = 30.0  # a run "collapses" when its whole-set Finding-F1 is below this: half of LoRA's lowest on the draws check
+
 
 def mean_ci(values):
     """Mean and the half-width of its 95% t-interval (NaN for one value)."""
     v = np.asarray(values, dtype=float)
     half = metrics.t_quantile(0.975, len(v) - 1) * v.std(ddof=1) / math.sqrt(len(v)) if len(v) > 1 else float("nan")
     return float(v.mean()), float(half)
+
+
+def ci_cell(values, digits=1, sign=False):
+    """"mean ± half" of a 95% t-interval ("mean" alone for one value)."""
+    mu, half = mean_ci(values)
+    return f"{mu:{'+' if sign else ''}.{digits}f}" + (f" ± {half:.{digits}f}" if len(values) > 1 else "")
 
 
 def summary_of(res):
@@ -494,40 +571,52 @@ def summary_of(res):
     return out
 
 
+BLACK = synthetic.RACE_NAMES[synthetic.SyntheticConfig.disadvantaged_race]
+
+
 def key_numbers(res):
     """The few numbers that tell the story of one run (the README's table), all 0-100."""
     find = res["fairness"]["race"][synthetic.FINDING_F1.name]
     chex = res["fairness"]["race"]["CheXpert-F1 (micro)"]
-    black = synthetic.RACE_NAMES[synthetic.SyntheticConfig.disadvantaged_race]
-    others = [g["score"] for name, g in find["groups"].items() if name != black]
+    others = [g["score"] for name, g in find["groups"].items() if name != BLACK]
     swap = res["swap"]
     n = sum(v["n_cases"] for v in swap.values())
-    return {"Δ Finding-F1, race": find["gap"], f"Finding-F1, {black} patients": find["groups"][black]["score"],
-            "Finding-F1, other races (mean)": sum(others) / len(others), "ES-Finding-F1, race": find["es"],
-            "Δ CheXpert-F1, race": chex["gap"], "ES-CheXpert-F1, race": chex["es"],
-            "Finding-F1, whole test set": res["overall"][synthetic.FINDING_F1.name]["score"],
+    out = {"Δ Finding-F1, race": find["gap"], f"Finding-F1, {BLACK} patients": find["groups"][BLACK]["score"],
+           "Finding-F1, other races (mean)": sum(others) / len(others), "ES-Finding-F1, race": find["es"],
+           "Δ CheXpert-F1, race": chex["gap"], "ES-CheXpert-F1, race": chex["es"]}
+    for a in ("age", "gender"):  # the seesaw: a gap closed for one attribute may open for another
+        if a in res["fairness"]:
+            out[f"Δ Finding-F1, {a}"] = res["fairness"][a][synthetic.FINDING_F1.name]["gap"]
+    out |= {"Finding-F1, whole test set": res["overall"][synthetic.FINDING_F1.name]["score"],
             "CheXpert-F1, whole test set": res["overall"]["CheXpert-F1 (micro)"]["score"],
-            "BLEU-4, whole test set": res["overall"]["BLEU-4"]["score"],
-            "probe: race from h (chance 25)": res["probe"]["race"]["accuracy"],
-            f"trace swap: findings lost, white→{black}": 100 * swap[f"white->{black}"]["lost"],
-            "trace swap: labels changed, all": 100 * sum(v["changed"] * v["n_cases"] for v in swap.values()) / n}
+            "BLEU-4, whole test set": res["overall"]["BLEU-4"]["score"]}
+    for a, chance in (("race", 25), ("age", 33), ("gender", 50)):
+        if a in res["probe"]:
+            out[f"probe: {a} from h (chance {chance})"] = res["probe"][a]["accuracy"]
+    return out | {f"trace swap: findings lost, white→{BLACK}": 100 * swap[f"white->{BLACK}"]["lost"],
+                  "trace swap: labels changed, all": 100 * sum(v["changed"] * v["n_cases"] for v in swap.values()) / n}
 
 
-def key_rows(results, methods, seeds):
-    """The README's table: one seed -> the value (with its bootstrap interval for the race gap);
-    several -> mean +- 95% t-interval over seeds."""
+def units_of(results, methods):
+    """The (draw, seed) pairs every method has a run for, sorted."""
+    return sorted({(d, s) for d, s, _ in results if all((d, s, m) in results for m in methods)})
+
+
+def unit_name(u):
+    return f"draw {u[0]}, seed {u[1]}"
+
+
+def key_rows(results, methods, units):
+    """The README's table: one run -> the value (with its bootstrap interval for the race gap);
+    several -> mean ± 95% t-interval over runs."""
     rows = []
-    for k in key_numbers(results[(seeds[0], methods[0])]):
+    for k in key_numbers(results[units[0] + (methods[0],)]):
         cells = []
         for m in methods:
-            vals = [key_numbers(results[(s, m)])[k] for s in seeds]
-            mu, half = mean_ci(vals)
-            if len(vals) > 1:
-                cells.append(f"{mu:.1f} ± {half:.1f}")
-            elif k == "Δ Finding-F1, race":
-                cells.append(gap_cell(results[(seeds[0], m)]["fairness"]["race"][synthetic.FINDING_F1.name], 1))
+            if len(units) == 1 and k == "Δ Finding-F1, race":
+                cells.append(gap_cell(results[units[0] + (m,)]["fairness"]["race"][synthetic.FINDING_F1.name], 1))
             else:
-                cells.append(f"{mu:.1f}")
+                cells.append(ci_cell([key_numbers(results[u + (m,)])[k] for u in units]))
         rows.append([k] + cells)
     return rows
 
@@ -540,107 +629,170 @@ def gap_cell(rep, digits=2):
     return f"{rep['gap']:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}{null}]"
 
 
-def headline_rows(results, methods, seeds):
-    """Rows of the main table: each headline number as mean +- 95% CI over seeds (one seed: the
-    value and its bootstrap interval)."""
-    keys = list(evaluate.headline(results[(seeds[0], methods[0])]))
-    rows = []
-    for k in keys:
-        cells = []
-        for m in methods:
-            vals = [evaluate.headline(results[(s, m)])[k] for s in seeds]
-            mu, half = mean_ci(vals)
-            cells.append(f"{mu:.2f}" + (f" ± {half:.2f}" if len(vals) > 1 else ""))
-        rows.append([k] + cells)
-    return rows
+def race_gap(res):
+    return res["fairness"]["race"][synthetic.FINDING_F1.name]
 
 
-def paired_rows(results, methods, seeds, keys):
-    """Per-seed differences method - LoRA, mean +- 95% CI: the paired comparison."""
-    flat = lambda r: evaluate.headline(r) | key_numbers(r)
+def headline_rows(results, methods, units):
+    """Rows of the paper's table: each headline number as mean ± 95% CI over runs."""
+    keys = list(evaluate.headline(results[units[0] + (methods[0],)]))
+    return [[k] + [ci_cell([evaluate.headline(results[u + (m,)])[k] for u in units], 2) for m in methods]
+            for k in keys]
+
+
+PAIRED_KEYS = ("Δ Finding-F1, race", f"Finding-F1, {BLACK} patients", "Finding-F1, other races (mean)",
+               "Δ Finding-F1, age", "Δ Finding-F1, gender", "Finding-F1, whole test set",
+               "CheXpert-F1, whole test set", "BLEU-4, whole test set", "probe: race from h (chance 25)",
+               "probe: age from h (chance 33)", "probe: gender from h (chance 50)")
+
+
+def paired_rows(results, methods, units, keys=PAIRED_KEYS, against="lora"):
+    """Per-run differences method − `against` (same draw, seed and stage 1): mean ± 95% t-interval
+    over runs, how many runs lie below 0, and the range; "no difference shown" where the interval
+    holds 0."""
     rows = []
     for m in methods:
-        if m == "lora":
+        if m == against:
             continue
         for k in keys:
-            d = [flat(results[(s, m)])[k] - flat(results[(s, "lora")])[k] for s in seeds]
+            d = [key_numbers(results[u + (m,)]).get(k, math.nan) - key_numbers(results[u + (against,)]).get(k, math.nan)
+                 for u in units]
+            if any(math.isnan(x) for x in d):
+                continue
             mu, half = mean_ci(d)
-            rows.append([LABELS[m], k, f"{mu:+.2f} ± {half:.2f}", " ".join(f"{x:+.2f}" for x in d)])
+            verdict = "no difference shown" if len(d) < 2 or abs(mu) <= half else ("lower" if mu < 0 else "higher")
+            rows.append([LABELS[m], k, f"{mu:+.2f} ± {half:.2f}", f"[{mu - half:+.2f}, {mu + half:+.2f}]", verdict,
+                         f"{sum(x < 0 for x in d)}/{len(d)}", f"{min(d):+.1f} … {max(d):+.1f}"])
     return rows
 
 
-PAIRED_KEYS = ("Δ-FindF1(R)", "ES-FindF1(R)", "Finding-F1, black patients", "Finding-F1, other races (mean)",
-               "Finding-F1 (shortcut findings)", "CheXpert-F1 (micro)", "BLEU-4", "probe race")
-
-
-def benchmark_rows(results, seeds):
-    """The benchmark's checks on the baseline: per-race error rates and the trace swap."""
+def paired_bootstrap_rows(root, results, methods, units, n_resamples=1000):
+    """Per run, the change in the race gap in Finding-F1 against LoRA on the same test cases, with
+    its 95% paired stratified bootstrap interval (metrics.paired_difference): how much of a run's
+    difference the test set resolves, before the spread over training runs."""
     rows = []
-    for s in seeds:
-        er = results[(s, "lora")]["error_rates"]
-        for g, by_f in er.items():
-            rows.append([str(s), g] + [f"{by_f[k]['fnr']:.2f} / {by_f[k]['fpr']:.2f}" for k in synthetic.FINDINGS])
+    for u in units:
+        d, s = u
+        folder = root / f"draw{d}"
+        recs = data.read_llava_json(folder / "data" / "test.json", check_images=False)
+        races = data.group_names(recs, "race")
+        hyps = lambda tag: evaluate.match_predictions(
+            evaluate.read_predictions(folder / f"seed{s}" / tag / "eval" / "predictions_test.jsonl"), recs)
+        lora, refs = hyps("lora")
+        cells = []
+        for m in methods:
+            if m == "lora":
+                continue
+            diff = metrics.paired_difference(synthetic.FINDING_F1, hyps(m)[0], lora, refs, races,
+                                             n_resamples=n_resamples, seed=s)
+            point, lo, hi = diff["gap"]
+            cells.append(f"{point:+.1f} [{lo:+.1f}, {hi:+.1f}]" + (" *" if lo > 0 or hi < 0 else ""))
+        rows.append([unit_name(u)] + cells)
+    return rows
+
+
+def collapse_rows(results, methods, units):
+    """Per arm: runs whose whole-set Finding-F1 is below COLLAPSE, and the race gap of the others."""
+    rows = []
+    for m in methods:
+        rs = [results[u + (m,)] for u in units]
+        whole = [key_numbers(r)["Finding-F1, whole test set"] for r in rs]
+        kept = [race_gap(r)["gap"] for r, w in zip(rs, whole) if w >= COLLAPSE]
+        rows.append([LABELS[m], f"{sum(w < COLLAPSE for w in whole)}/{len(rs)}", f"{min(whole):.1f}",
+                     ci_cell(kept) if kept else "-"])
+    return rows
+
+
+def benchmark_rows(results, units):
+    """The benchmark's checks on LoRA: per-race error rates, mean over runs."""
+    rows = []
+    for g in results[units[0] + ("lora",)]["error_rates"]:
+        rows.append([g] + [" / ".join(f"{np.mean([results[u + ('lora',)]['error_rates'][g][k][r] for u in units]):.2f}"
+                                      for r in ("fnr", "fpr")) for k in synthetic.FINDINGS])
     return rows
 
 
 def test_split(results):
     """"2400 decorrelated cases (582-631 per race)", as the runs were scored."""
-    res = next(iter(results.values()))
-    sizes = [g["n"] for g in res["fairness"]["race"][synthetic.FINDING_F1.name]["groups"].values()]
-    return f"{sum(sizes)} decorrelated cases ({min(sizes)}-{max(sizes)} per race)"
+    sizes = [g["n"] for res in results.values() for g in race_gap(res)["groups"].values()]
+    n = {sum(g["n"] for g in race_gap(res)["groups"].values()) for res in results.values()}
+    return f"{'/'.join(map(str, sorted(n)))} decorrelated cases per draw ({min(sizes)}-{max(sizes)} per race)"
 
 
-def write_report(cfg, root, results, methods, extra_md=""):
-    seeds = sorted({s for s, _ in results})
-    methods = [m for m in methods if all((s, m) in results for s in seeds)]
-    md = [f"# FairLLaVA demo: {len(seeds)} seed(s) {seeds}\n",
-          f"Test split: {test_split(results)}. Δ = max_g − min_g over groups, ES = M / (1 + Δ); "
-          "FindF1 = micro-F1 over the three shortcut findings (the benchmark's labeler), F1 = CheXpert-style "
-          "micro-F1. " + ("Mean ± 95% t-interval over seeds." if len(seeds) > 1 else
-                          "One seed; Δ [95% stratified bootstrap interval; null = the 95th percentile of Δ with the "
-                          "race labels shuffled, what no gap looks like at these group sizes].") + "\n",
-          markdown_table([""] + [LABELS[m] for m in methods], key_rows(results, methods, seeds)),
+def write_report(cfg, root, results, methods, extra_md="", curves=None):
+    """results.md, summary.json and curves.png of `methods` over every (draw, seed) they all ran."""
+    methods = [m for m in methods if any(k[2] == m for k in results)]
+    units = units_of(results, methods)
+    one = len(units) == 1
+    md = [f"# FairLLaVA demo: {len(units)} run(s) per method ({'; '.join(map(unit_name, units))})\n",
+          f"Test split: {test_split({k: v for k, v in results.items() if k[2] in methods})}. "
+          "Δ = max_g − min_g over groups, ES = M / (1 + Δ); Finding-F1 = micro-F1 over the three shortcut findings "
+          "(the benchmark's labeler), CheXpert-F1 = CheXpert-style micro-F1. " +
+          ("One run; Δ [95% stratified bootstrap interval; null = the 95th percentile of Δ with the race labels "
+           "shuffled, what no gap looks like at these group sizes]." if one else
+           "Mean ± 95% t-interval over the runs (each a draw and a training seed).") + "\n",
+          markdown_table([""] + [LABELS[m] for m in methods], key_rows(results, methods, units)),
           "\n## The paper's table (ES-M and Δ per attribute, whole-set scores, probe accuracies)\n",
-          markdown_table(["metric"] + [LABELS[m] for m in methods], headline_rows(results, methods, seeds))]
-    if "lora" in methods and len(methods) > 1 and len(seeds) > 1:
-        md += ["\n## Paired differences, method − LoRA (same seed, same stage 1)\n",
-               markdown_table(["method", "metric", "mean ± 95% CI", "per seed"],
-                              paired_rows(results, methods, seeds, PAIRED_KEYS))]
+          markdown_table(["metric"] + [LABELS[m] for m in methods], headline_rows(results, methods, units))]
+    if "lora" in methods and len(methods) > 1 and not one:
+        md += ["\n## Paired differences, method − LoRA (same draw, seed and stage 1)\n",
+               "Mean ± 95% t-interval over the runs; \"no difference shown\" where the interval holds 0; how many "
+               "runs are below 0; the range.\n",
+               markdown_table(["method", "metric", "mean ± 95% CI", "95% CI", "", "runs < 0", "range"],
+                              paired_rows(results, methods, units)),
+               f"\n## Collapse: runs with a whole-set Finding-F1 below {COLLAPSE:g}\n",
+               markdown_table(["method", "collapsed", "lowest whole-set Finding-F1",
+                               "Δ Finding-F1, race, of the others"], collapse_rows(results, methods, units))]
+    have = lambda u, m: (root / f"draw{u[0]}" / f"seed{u[1]}" / m / "eval" / "predictions_test.jsonl").is_file()
+    if "lora" in methods and len(methods) > 1 and all(have(u, m) for u in units for m in methods):
+        md += ["\n## The race gap against LoRA on the same test cases, run by run\n",
+               "Change in Δ Finding-F1 (race) [95% paired stratified bootstrap interval over the test cases]; "
+               "* where it excludes 0.\n",
+               markdown_table(["run"] + [LABELS[m] for m in methods if m != "lora"],
+                              paired_bootstrap_rows(root, results, methods, units))]
     if "lora" in methods:
-        md += ["\n## The benchmark's checks on LoRA\n", "False-negative / false-positive rate per race "
-               "(shortcut findings: black patients' findings should be missed more, the others' over-called):\n",
-               markdown_table(["seed", "race"] + list(synthetic.FINDINGS), benchmark_rows(results, seeds)),
+        md += ["\n## The benchmark's checks on LoRA\n", "False-negative / false-positive rate per race, mean over "
+               "the runs (shortcut findings: black patients' findings should be missed more, the others' over-called):\n",
+               markdown_table(["race"] + list(synthetic.FINDINGS), benchmark_rows(results, units)),
                "\nTrace swap (same cases, only the race texture changed): share of reported findings lost, "
-               "of unreported ones gained, and of all (case, finding) labels changed:\n",
-               markdown_table(["method", "seed", "swap", "lost", "gained", "changed"],
-                              [[LABELS[m], str(s), d, f"{v['lost']:.3f}", f"{v['gained']:.3f}", f"{v['changed']:.3f}"]
-                               for m in methods for s in seeds for d, v in results[(s, m)]["swap"].items()])]
+               "of unreported ones gained, and of all (case, finding) labels changed, mean over the runs:\n",
+               markdown_table(["method", "swap", "lost", "gained", "changed"],
+                              [[LABELS[m], d] + [ci_cell([results[u + (m,)]["swap"][d][k] for u in units], 3)
+                                                 for k in ("lost", "gained", "changed")]
+                               for m in methods for d in results[units[0] + (m,)]["swap"]])]
     md.append(extra_md)
     write_output(root, "results.md", lambda p: p.write_text("\n".join(md) + "\n"))
-    summary = {"config": asdict(cfg), "seeds": seeds,
-               "runs": {m: {str(s): summary_of(results[(s, m)]) for s in seeds} for m in methods}}
+    summary = {"config": asdict(cfg), "runs": {m: {f"draw{d}/seed{s}": summary_of(results[(d, s, m)])
+                                                   for d, s, t in sorted(results) if t == m} for m in methods}}
     write_output(root, "summary.json", lambda p: p.write_text(json.dumps(summary, indent=1, allow_nan=False, default=str)))
+    curves = curves or units[:1]
     write_output(root, "curves.png", lambda p: draw_curves(
-        {LABELS[m]: root / f"seed{seeds[0]}" / m / "monitor.jsonl" for m in methods}, p,
-        f"The mechanism on the val split (seed {seeds[0]})"))
+        {LABELS[m]: [root / f"draw{d}" / f"seed{s}" / m / "monitor.jsonl" for d, s in curves] for m in methods}, p,
+        f"The mechanism on the val split ({'; '.join(map(unit_name, curves))}" +
+        ("; line: mean, band: range over runs)" if len(curves) > 1 else ")")))
     print("\n".join(md[:3]))  # the key numbers; the paper's table and the rest are in results.md
     say(f"tables in {root / 'results.md'}, numbers in {root / 'summary.json'}, curves in {root / 'curves.png'}")
 
 
-def draw_lines(panels, path, title, xlabel):
-    """A grid of line charts with Pillow: panels = [(panel title, {series: [(x, y), ...]})]."""
+def _color(k):
+    return evaluate.COLORS[k] if k < len(evaluate.COLORS) else ((214, 39, 40), (148, 103, 189), (120, 120, 120))[min(k - 3, 2)]
+
+
+def draw_lines(panels, path, title, xlabel, xticks=None):
+    """A grid of line charts with Pillow: panels = [(panel title, {series: [(x, y) or (x, y, lo, hi)]})].
+    A point with (lo, hi) gets a band (lines) or an error bar (xticks given: a categorical axis,
+    xticks = [(x, label)], evenly spaced)."""
     from PIL import Image, ImageDraw
     cols, pw, ph, top = 3, 420, 300, 70
     rows = math.ceil(len(panels) / cols)
     img = Image.new("RGB", (cols * pw, top + rows * ph), "white")
-    d = ImageDraw.Draw(img)
+    d = ImageDraw.Draw(img, "RGBA")
     font, small = evaluate._font(15), evaluate._font(12)
-    d.text((15, 10), title, fill="black", font=evaluate._font(19))
+    d.text((15, 10), title, fill="black", font=evaluate._font(17))
     names = list(dict.fromkeys(n for _, series in panels for n in series))
     x = 15
     for k, n in enumerate(names):
-        color = evaluate.COLORS[k % 3] if k < 3 else (120, 120, 120)
-        d.rectangle([x, 42, x + 16, 56], fill=color)
+        d.rectangle([x, 42, x + 16, 56], fill=_color(k))
         d.text((x + 22, 41), n, fill="black", font=font)
         x += 22 + d.textlength(n, font=font) + 24
     for i, (name, series) in enumerate(panels):
@@ -649,91 +801,208 @@ def draw_lines(panels, path, title, xlabel):
         pts = [p for s in series.values() for p in s if p[1] == p[1]]
         if not pts:
             continue
-        xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+        xs = [p[0] for p in pts] + [t for t, _ in xticks or ()]
+        ys = [v for p in pts for v in p[1:] if v == v]
         lo, hi = min(ys + [0.0]), max(ys)
         hi = hi if hi > lo else lo + 1
-        xmin, xmax = min(xs), max(xs) if max(xs) > min(xs) else min(xs) + 1
-        to = lambda p: (x0 + (x1 - x0) * (p[0] - xmin) / (xmax - xmin), y1 - (y1 - y0) * (p[1] - lo) / (hi - lo))
+        pad = 0.3 if xticks else 0.0  # error bars at the ends stay inside the frame
+        xmin, xmax = min(xs) - pad, (max(xs) if max(xs) > min(xs) else min(xs) + 1) + pad
+        to = lambda x, y: (x0 + (x1 - x0) * (x - xmin) / (xmax - xmin), y1 - (y1 - y0) * (y - lo) / (hi - lo))
         d.text((x0, y0 - 24), name, fill="black", font=font)
         d.rectangle([x0, y0, x1, y1], outline=(180, 180, 180))
         for t in range(5):
             v = lo + (hi - lo) * t / 4
-            d.text((x0 - 5, to((xmin, v))[1]), f"{v:.2g}", fill="black", font=small, anchor="rm")
-        d.text((x0, y1 + 8), f"{xmin:g}", fill="black", font=small)
-        d.text((x1, y1 + 8), f"{xmax:g}", fill="black", font=small, anchor="ra")
-        d.text(((x0 + x1) / 2, y1 + 22), xlabel, fill=(90, 90, 90), font=small, anchor="ma")
+            d.text((x0 - 5, to(xmin, v)[1]), f"{v:.3g}", fill="black", font=small, anchor="rm")
+        for t, label in xticks or [(xmin, f"{xmin:g}"), (xmax, f"{xmax:g}")]:
+            d.text((to(t, lo)[0], y1 + 8), label, fill="black", font=small, anchor="ma")
+        d.text(((x0 + x1) / 2, y1 + 26), xlabel, fill=(90, 90, 90), font=small, anchor="ma")
         for k, n in enumerate(names):
-            if n in series and series[n]:
-                color = evaluate.COLORS[k % 3] if k < 3 else (120, 120, 120)
-                line = [to(p) for p in series[n] if p[1] == p[1]]
-                d.line(line, fill=color, width=2) if len(line) > 1 else None
-                for p in line:
-                    d.ellipse([p[0] - 2, p[1] - 2, p[0] + 2, p[1] + 2], fill=color)
+            pts = [p for p in series.get(n, []) if p[1] == p[1]]
+            if not pts:
+                continue
+            color = _color(k)
+            if len(pts[0]) == 4 and not xticks and len(pts) > 1:  # band
+                d.polygon([to(p[0], p[3]) for p in pts] + [to(p[0], p[2]) for p in reversed(pts)], fill=color + (50,))
+            line = [to(p[0], p[1]) for p in pts]
+            if len(line) > 1:
+                d.line(line, fill=color, width=2)
+            for p, q in zip(pts, line):
+                d.ellipse([q[0] - 2.5, q[1] - 2.5, q[0] + 2.5, q[1] + 2.5], fill=color)
+                if len(p) == 4 and xticks:
+                    a, b = to(p[0], p[2]), to(p[0], p[3])
+                    d.line([a, b], fill=color, width=2)
+                    d.line([a[0] - 4, a[1], a[0] + 4, a[1]], fill=color, width=2)
+                    d.line([b[0] - 4, b[1], b[0] + 4, b[1]], fill=color, width=2)
     img.save(path)
 
 
+def _band(runs, key, fn=lambda v: v):
+    """Monitor logs of several runs -> [(step, mean, min, max)] over the steps they all logged."""
+    per = [{r["step"]: fn(r[key]) for r in L if key in r} for L in runs]
+    steps = sorted(set.intersection(*(set(p) for p in per))) if per else []
+    return [(t, float(np.mean(v)), min(v), max(v)) for t in steps for v in [[p[t] for p in per]]]
+
+
 def draw_curves(monitors, path, title):
-    """monitor.jsonl of each run -> curves.png: probe, phi's accuracy and CLUB per attribute, spread of h."""
-    logs = {n: [json.loads(line) for line in Path(p).read_text().splitlines()] for n, p in monitors.items()
-            if Path(p).is_file()}
-    panels = [(f"fresh probe: {a} (val accuracy)", {n: [(r["step"], r[f"probe/{a}"]) for r in L if f"probe/{a}" in r]
-                                                   for n, L in logs.items()}) for a in ("race", "age", "gender")]
-    panels += [(f"phi's accuracy: {a}", {n: [(r["step"], r[f"dac_acc/{a}"]) for r in L if f"dac_acc/{a}" in r]
-                                        for n, L in logs.items()}) for a in ("race", "gender")]
-    panels += [("CLUB(race) with the current phi", {n: [(r["step"], r["club/race"]) for r in L if "club/race" in r]
-                                                   for n, L in logs.items()})]
-    panels += [("spread of h (rms, log10)", {n: [(r["step"], math.log10(r["h_rms"])) for r in L] for n, L in logs.items()})]
+    """{series: [monitor.jsonl of each run]} -> curves.png: a fresh probe, phi's accuracy per
+    attribute, CLUB(race) and the spread of h, over stage-2 steps (mean and range over the runs)."""
+    logs = {n: [[json.loads(line) for line in Path(p).read_text().splitlines()] for p in ps if Path(p).is_file()]
+            for n, ps in monitors.items()}
+    logs = {n: L for n, L in logs.items() if L}
+    panels = [(f"fresh probe: {a} (val accuracy)", {n: _band(L, f"probe/{a}") for n, L in logs.items()})
+              for a in ("race", "age", "gender")]
+    panels += [(f"phi's accuracy: {a}", {n: _band(L, f"dac_acc/{a}") for n, L in logs.items()})
+               for a in ("race", "age", "gender")]
+    panels += [("CLUB(race) with the current phi", {n: _band(L, "club/race") for n, L in logs.items()})]
+    panels += [("spread of h (rms, log10)", {n: _band(L, "h_rms", math.log10) for n, L in logs.items()})]
     draw_lines(panels, path, title, "stage-2 step")
 
 
-def study(cfg, root, pool, paths):
-    """Seeds 0-2 x three methods; the batch variant at lambdas x {0, 0.1, 1} of the official ones
-    on seed 0 (x 0.3 is the variant itself; x 0 the lambda = 0 control); on every seed, LoRA
-    without the shortcut (strength 0) and LoRA trained on decorrelated data (the oracle)."""
-    seeds, methods = (0, 1, 2), ("lora", "fairllava", "fairllava_batch")
-    no_shortcut = prepare(cfg, root, None, strength=0.0, name="data_strength0")
-    oracle = prepare(cfg, root, None, strength=0.0, uniform_train=True, name="data_oracle")
-    no_shortcut["base"] = oracle["base"] = paths["base"]
-    variant = method_settings(cfg, "fairllava_batch")["fair"]
+# ----------------------------------------------------------------------------------------------
+# the study and the draws check
+
+DRAWS, SEEDS = (1, 2), tuple(range(10, 16))  # the study's draws and training seeds: no choice was made on them
+CONTROL_SEEDS = (10, 11, 12)  # lambda = 0, the benchmark's controls, the dose-response and the curves
+ARM_SOURCES = {
+    "lora": "LLaVA-Rad's stage 2; rate, rank, epochs scaled to a 1M-parameter model (README, \"The demo\")",
+    "fairllava": "the paper's Algorithm 1 (alternating, h raw, mean over image tokens, one phi step per batch, "
+                 "official lambdas); phi's lr = the backbone's, its N(0, 0.02) init and the smooth penalty: "
+                 "official code (the paper gives none of them)",
+    "fairllava_official": "official code: one optimizer step for phi and the backbone at the same lr, one random "
+                          "image token per sample L2-normalised, smooth penalty, N(0, 0.02) init (REFERENCE.md)",
+    "fairllava_batch": "this project's variant: h standardised over the batch, phi 5 steps per batch at lr 1e-2 on "
+                       "the batch and the last 512 h, lambdas x 0.3: chosen on val (docs/variant_selection.md)",
+}
+
+
+def arms_rows(cfg):
+    """Each headline arm's settings, read from the TrainConfig the demo trains it with."""
+    rows = []
+    for m in HEADLINE_ARMS:
+        t = train_config(cfg, {"base": Path("B"), "data": Path("D"), "stage1": Path("S")}, 0, 2, Path("O"),
+                         **method_settings(cfg, m))
+        f = t.fair
+        fair = m != "lora"
+        rows.append([LABELS[m], f.protocol if fair else "-", f"{f.pool}, {f.h_norm}" if fair else "-",
+                     f"{t.dac_lr:g}" if fair else "-", f"{f.dac_steps} x, memory {f.dac_memory}" if fair else "-",
+                     f.dac_init if fair else "-", ("sqrt(CLUB² + eps)" if f.smooth_abs else "CLUB") if fair else "-",
+                     " / ".join(f"{f.lambdas[a]:.3g}" for a in ("race", "age", "gender")) if fair else "-",
+                     ARM_SOURCES[m]])
+    return rows
+
+
+ARMS_HEADER = ["arm", "protocol", "h: pooling, scaling", "phi lr", "phi steps per batch", "phi init", "penalty",
+               "lambda race / age / gender", "source"]
+
+
+def study(cfg, root, pool):
+    """The README's study (docs/study.md): the four headline arms on draws 1 and 2 x seeds 10-15;
+    on seeds 10-12 of each draw the lambda = 0 arm of each FairLLaVA arm and the benchmark's
+    controls (LoRA without the shortcut, LoRA on decorrelated training data); on draw 1, seeds
+    10-12, the batch variant at lambdas x {0.1, 1} (x 0 and x 0.3 are its lambda = 0 arm and the
+    variant itself)."""
+    paths = {d: prepare(cfg, root, pool, d) for d in DRAWS}
+    ctrl = {(d, c): prepare(cfg, root, pool, d, strength=0.0, uniform_train=c == "oracle", name=f"data_{c}")
+            for d in DRAWS for c in ("strength0", "oracle")}
     official = FairnessConfig().lambdas
-    scaled = lambda s: {"fair": replace(variant, lambdas={a: v * s for a, v in official.items()})}
-    scales = (0.0, 0.1, 1.0)
-    specs = [(paths, s, m, m, {}) for s in seeds for m in methods]
-    specs += [(paths, 0, "fairllava_batch", f"fairllava_batch_x{s:g}", scaled(s)) for s in scales]
-    specs += [(d, s, "lora", name, {}) for s in seeds
-              for d, name in ((no_shortcut, "lora_strength0"), (oracle, "lora_oracle"))]
+    variant = method_settings(cfg, "fairllava_batch")["fair"]
+    scales = sorted({0.0, 0.1, cfg.variant_lambda_scale, 1.0})
+    dose_tag = lambda x: ("fairllava_batch_l0" if x == 0 else "fairllava_batch" if x == cfg.variant_lambda_scale
+                          else f"fairllava_batch_x{x:g}")
+    specs = [Spec(paths[d], d, s, m, monitor=d == DRAWS[0] and s in CONTROL_SEEDS)
+             for d in DRAWS for s in SEEDS for m in HEADLINE_ARMS]
+    specs += [Spec(paths[d], d, s, m + "_l0") for d in DRAWS for s in CONTROL_SEEDS for m in FAIR_ARMS]
+    specs += [Spec(ctrl[(d, c)], d, s, "lora", f"lora_{c}") for d in DRAWS for s in CONTROL_SEEDS
+              for c in ("strength0", "oracle")]
+    specs += [Spec(paths[DRAWS[0]], DRAWS[0], s, "fairllava_batch", dose_tag(x),
+                   {"fair": replace(variant, lambdas={a: v * x for a, v in official.items()})})
+              for s in CONTROL_SEEDS for x in scales if dose_tag(x).startswith("fairllava_batch_x")]
+    say(f"the study: {len(specs)} stage-2 runs on draws {DRAWS}, seeds {SEEDS[0]}-{SEEDS[-1]}")
     results = run_runs(cfg, pool, specs)
-    dose = {**{s: results[(0, f"fairllava_batch_x{s:g}")] for s in scales},
-            cfg.variant_lambda_scale: results[(0, "fairllava_batch")]}
-    dose = dict(sorted(dose.items()))
-    f = lambda r, k: evaluate.headline(r)[k]
-    gap = lambda r: r["fairness"]["race"][synthetic.FINDING_F1.name]
-    interval = lambda r: gap_cell(gap(r))
-    controls = (("lora", "LoRA, shortcut"), ("lora_strength0", "LoRA, shortcut_strength 0"),
-                ("lora_oracle", "LoRA, oracle: decorrelated training data"))
-    ctrl = [[f"{label}, seed {s}", interval(r), f"{f(r, synthetic.FINDING_F1.name):.2f}", f"{f(r, 'probe race'):.1f}"]
-            for run, label in controls for s in seeds for r in [results[(s, run)]]]
-    dose_rows = [[f"{s:g}", f"{f(r, 'probe race'):.1f}", interval(r), f"{f(r, synthetic.FINDING_F1.name):.2f}",
-                  f"{f(r, 'CheXpert-F1 (micro)'):.2f}"] for s, r in dose.items()]
-    lora_spread = [f(results[(s, "lora")], k) for s in seeds for k in ("Δ-FindF1(R)",)]
-    extra = ["\n## Controls: is the gap the shortcut's? (Δ-FindF1 by race [95% stratified bootstrap CI; the 95th "
-             "percentile of the gap with the race labels shuffled])\n",
-             markdown_table(["run", "Δ-FindF1(R) [95% CI; null]", "FindF1, whole set", "probe race"], ctrl),
-             "\n## Dose-response: FairLLaVA (batch-standardised h), lambdas x scale of the official ones (seed 0)\n",
-             markdown_table(["scale", "probe race", "Δ-FindF1(R) [95% CI; null]", "FindF1", "CheXpert-F1"], dose_rows),
-             f"\nScale {cfg.variant_lambda_scale:g} is the variant of the main table; scale 0 is the lambda = 0 control "
-             "(phi trains, nothing reaches the backbone).\n",
-             "lambda = 0 vs LoRA (seed 0): " + ", ".join(
-                 f"{k} {f(dose[0.0], k):.2f} vs {f(results[(0, 'lora')], k):.2f}"
-                 for k in ("Δ-FindF1(R)", synthetic.FINDING_F1.name, "CheXpert-F1 (micro)", "probe race"))
-             + f"; LoRA's Δ-FindF1(R) over seeds 0-2: {', '.join(f'{v:.2f}' for v in lora_spread)}.\n"]
-    write_output(root, "tradeoff.png", lambda p: draw_lines([(title, {"FairLLaVA, batch-standardised h": [(s, fn(r)) for s, r in dose.items()],
-                         "LoRA (seed 0)": [(s, fn(results[(0, "lora")])) for s in dose]})
-                for title, fn in (("fresh probe: race (test, %)", lambda r: f(r, "probe race")),
-                                  ("gap in Finding-F1 by race", lambda r: gap(r)["gap"]),
-                                  ("Finding-F1, whole test set", lambda r: f(r, synthetic.FINDING_F1.name)))],
-               p, "Fairness-utility trade-off (seed 0)", "lambdas x scale (official 0.2 / 0.6 / 0.1)"))
-    write_report(cfg, root, {k: v for k, v in results.items() if k[1] in methods}, methods, "\n".join(extra))
+    f = lambda r, k: key_numbers(r)[k]
+    GAP, WHOLE, PROBE = "Δ Finding-F1, race", "Finding-F1, whole test set", "probe: race from h (chance 25)"
+    units = [(d, s) for d in DRAWS for s in SEEDS]
+    cunits = [(d, s) for d in DRAWS for s in CONTROL_SEEDS]
+    l0 = [m + "_l0" for m in FAIR_ARMS]
+    lora_sd = np.std([f(results[u + ("lora",)], GAP) for u in units], ddof=1)
+    ctrl_rows = [[f"draw {d}", label] + [gap_cell(race_gap(results[(d, s, tag)]), 1) for s in CONTROL_SEEDS]
+                 + [ci_cell([f(results[(d, s, tag)], GAP) for s in CONTROL_SEEDS]),
+                    ci_cell([f(results[(d, s, tag)], WHOLE) for s in CONTROL_SEEDS])]
+                 for d in DRAWS for tag, label in (("lora", "LoRA, shortcut"), ("lora_strength0", "LoRA, strength 0"),
+                                                   ("lora_oracle", "LoRA, decorrelated training data (oracle)"))]
+    dunits = [(DRAWS[0], s) for s in CONTROL_SEEDS]
+    dose = {x: [results[u + (dose_tag(x),)] for u in dunits] for x in scales}
+    dose_rows = [[f"{x:g}"] + [ci_cell([f(r, k) for r in rs]) for k in (PROBE, GAP, f"Finding-F1, {BLACK} patients", WHOLE,
+                                                                         "CheXpert-F1, whole test set")]
+                 for x, rs in dose.items()]
+    lam_keys = (GAP, f"Finding-F1, {BLACK} patients", WHOLE, PROBE)
+    extra = ["\n## The arms\n", markdown_table(ARMS_HEADER, arms_rows(cfg)),
+             "\nEvery arm: stage 2 from the same stage-1 projector of its draw and seed, lr "
+             f"{cfg.lr:g}, {cfg.epochs:g} epochs, batch {cfg.batch_size}, LoRA r {cfg.lora_r}.\n",
+             "\n## lambda = 0: each FairLLaVA arm with every lambda_a = 0 (phi trains, DIM reaches nothing), "
+             f"{len(cunits)} runs (seeds {CONTROL_SEEDS[0]}-{CONTROL_SEEDS[-1]} of each draw)\n",
+             "Against LoRA on the same runs (should be no difference: the arm's machinery alone):\n",
+             markdown_table(["method", "metric", "mean ± 95% CI", "95% CI", "", "runs < 0", "range"],
+                            paired_rows(results, ["lora"] + l0, cunits, lam_keys)),
+             f"\nLoRA's race gap varies over its {len(units)} runs with a standard deviation of {lora_sd:.1f}.\n",
+             "\nEach arm against its own lambda = 0 (what DIM does, everything else equal):\n",
+             markdown_table(["method", "metric", "mean ± 95% CI", "95% CI", "", "runs < 0", "range"],
+                            [row for m in FAIR_ARMS for row in paired_rows(results, [m + "_l0", m], cunits, lam_keys,
+                                                                           against=m + "_l0")]),
+             "\n## Controls: is the gap the shortcut's? Δ Finding-F1 (race) per run [95% stratified bootstrap "
+             "interval; null = 95th percentile of Δ with the race labels shuffled]\n",
+             markdown_table(["draw", "run"] + [f"seed {s}" for s in CONTROL_SEEDS] + ["Δ, mean ± 95% CI",
+                                                                                      "whole-set Finding-F1"], ctrl_rows),
+             f"\n## Dose-response: the batch variant at lambdas x scale of the official ones (draw {DRAWS[0]}, seeds "
+             f"{CONTROL_SEEDS[0]}-{CONTROL_SEEDS[-1]}; x {cfg.variant_lambda_scale:g} is the variant, x 0 its lambda = 0)\n",
+             markdown_table(["scale", "probe race", "Δ Finding-F1, race", f"Finding-F1, {BLACK}", "Finding-F1, whole",
+                             "CheXpert-F1"], dose_rows)]
+    lora_d = [results[u + ("lora",)] for u in dunits]
+    write_output(root, "tradeoff.png", lambda p: draw_lines(
+        [(title, {"FairLLaVA, batch-standardised h": [(i, *_ci3([fn(r) for r in dose[x]])) for i, x in enumerate(scales)],
+                  "LoRA (same runs)": [(i, *_ci3([fn(r) for r in lora_d])) for i in range(len(scales))]})
+         for title, fn in (("fresh probe: race (test, %)", lambda r: f(r, PROBE)), ("gap in Finding-F1 by race", lambda r: f(r, GAP)),
+                           ("Finding-F1, black patients", lambda r: f(r, f"Finding-F1, {BLACK} patients")),
+                           ("Finding-F1, whole test set", lambda r: f(r, WHOLE)))],
+        p, f"Fairness-utility trade-off (draw {DRAWS[0]}, seeds {CONTROL_SEEDS[0]}-{CONTROL_SEEDS[-1]}: mean, 95% CI)",
+        "lambdas x scale (official 0.2 / 0.6 / 0.1)", xticks=[(i, f"{x:g}") for i, x in enumerate(scales)]))
+    write_report(cfg, root, {k: v for k, v in results.items() if k[2] in HEADLINE_ARMS and k[:2] in units},
+                 HEADLINE_ARMS, "\n".join(extra), curves=dunits)
+
+
+def _ci3(values):
+    mu, half = mean_ci(values)
+    return (mu, mu - half, mu + half) if len(values) > 1 else (mu, mu, mu)
+
+
+def check_draws(cfg, root, pool):
+    """The benchmark on other draws: LoRA and the same draw's shortcut-free control, one training
+    seed each; the shortcut's gap should lie clearly above the control's on every draw."""
+    seed, specs = cfg.seeds[0], []
+    for d in cfg.check_draws:
+        specs += [Spec(prepare(cfg, root, pool, d), d, seed, "lora"),
+                  Spec(prepare(cfg, root, pool, d, strength=0.0, name="data_strength0"), d, seed, "lora", "lora_strength0")]
+    results = run_runs(cfg, pool, specs)
+    rows, lows, highs, whole = [], [], [], []
+    for d in cfg.check_draws:
+        lora, ctl = results[(d, seed, "lora")], results[(d, seed, "lora_strength0")]
+        lows.append(race_gap(lora)["ci"]["gap"][0])
+        highs.append(race_gap(ctl)["ci"]["gap"][1])
+        whole.append(key_numbers(lora)["Finding-F1, whole test set"])
+        fnr = lambda g: " / ".join(f"{lora['error_rates'][g][k]['fnr']:.2f}" for k in synthetic.FINDINGS[:3])
+        rows.append([str(d), gap_cell(race_gap(lora), 1), gap_cell(race_gap(ctl), 1),
+                     "yes" if lows[-1] > highs[-1] else "NO", f"{whole[-1]:.1f}", fnr(BLACK), fnr("white")])
+    md = [f"# The benchmark on draws {', '.join(map(str, cfg.check_draws))} (training seed {seed})\n",
+          "LoRA's Δ Finding-F1 (race) against the same draw's shortcut-free control (shortcut_strength 0) "
+          "[95% stratified bootstrap interval; null = 95th percentile of Δ with the race labels shuffled].\n",
+          markdown_table(["draw", "LoRA Δ", "strength 0 Δ", "LoRA above?", "LoRA whole-set Finding-F1",
+                          f"FNR {BLACK} ({'/'.join(synthetic.FINDINGS[:3])})", "FNR white"], rows),
+          f"\nLowest LoRA lower bound {min(lows):.1f}; highest control upper bound {max(highs):.1f}; "
+          f"LoRA's whole-set Finding-F1 {min(whole):.1f}-{max(whole):.1f}.\n"]
+    write_output(root, "results.md", lambda p: p.write_text("\n".join(md)))
+    summary = {"config": asdict(cfg), "runs": {f"draw{d}/seed{s}/{t}": summary_of(r) for (d, s, t), r in results.items()}}
+    write_output(root, "summary.json", lambda p: p.write_text(json.dumps(summary, indent=1, allow_nan=False, default=str)))
+    print("\n".join(md))
 
 
 def main(argv=None):
@@ -745,12 +1014,15 @@ def main(argv=None):
     outputs.check(root, OUTPUTS, "the demo")  # refuse now, not after the runs, a file the report would replace
     with ProcessPoolExecutor(cfg.workers, mp_context=get_context("spawn"), initializer=_die_with_parent,
                              initargs=(os.getpid(),)) as pool:
-        paths = prepare(cfg, root, pool)
         if cfg.study:
-            study(cfg, root, pool, paths)
+            study(cfg, root, pool)
+        elif cfg.check_draws:
+            check_draws(cfg, root, pool)
         else:
-            results = run_runs(cfg, pool, [(paths, s, m, m, {}) for s in cfg.seeds for m in cfg.methods])
-            write_report(cfg, root, results, cfg.methods)
+            paths = prepare(cfg, root, pool, cfg.data_seed)
+            results = run_runs(cfg, pool, [Spec(paths, cfg.data_seed, s, m, monitor=True)
+                                           for s in cfg.seeds for m in cfg.methods])
+            write_report(cfg, root, results, cfg.methods, curves=[(cfg.data_seed, s) for s in cfg.seeds[:3]])
     say(f"done in {(time.time() - t0) / 60:.1f} min; outputs under {root}")
 
 

@@ -742,6 +742,47 @@ def fairness_table(
     ]
 
 
+def paired_difference(
+    metric, hyps_a: Sequence[str], hyps_b: Sequence[str], refs: Sequence[str], groups: Sequence[Hashable], *,
+    min_group_size: int = 30, n_resamples: int = 1000, seed: int = 0, confidence: float = 0.95,
+) -> dict[str, tuple[float, float, float]]:
+    """Two systems' reports on the same test cases (a, b): the differences a - b of the gap and of
+    the whole-set score, each as (point, low, high) from a paired stratified bootstrap. Every
+    resample draws each group's cases within that group and scores both systems on the same draw,
+    so the case-level noise the two share cancels; what is left is the difference the test set can
+    resolve for this pair of runs (not the spread over training seeds: demo.py's paired
+    t-intervals over runs are for that).
+
+    >>> refs = ["a b"] * 4
+    >>> d = paired_difference(bleu(1), ["a b", "a b", "a x", "a b"], ["a b"] * 4, refs, ["F", "F", "M", "M"],
+    ...                       min_group_size=1, n_resamples=0)
+    >>> round(d["gap"][0], 2), round(d["overall"][0], 2)
+    (25.0, -12.5)
+    """
+    check_pairs(hyps_b, refs)
+    score_a, score_b = _scorer(metric, hyps_a, refs), _scorer(metric, hyps_b, refs)
+    names, codes = _group_codes(groups, len(refs), "groups")
+    members = [np.flatnonzero(codes == k) for k in range(len(names))]
+    kept = [k for k, m in enumerate(members) if len(m) >= min_group_size]
+    if len(kept) < 2:
+        raise ValueError(f"paired_difference: fewer than two groups with at least {min_group_size} samples "
+                         f"(sizes {[len(m) for m in members]})")
+
+    def diffs(sample):  # sample: one index array per group; the gap over the kept ones
+        gap = lambda score: max(score(sample[k]) for k in kept) - min(score(sample[k]) for k in kept)
+        every = np.concatenate(sample)
+        return gap(score_a) - gap(score_b), score_a(every) - score_b(every)
+
+    point = diffs(members)
+    rng = np.random.default_rng(seed)
+    reps = np.array([diffs([rng.choice(m, size=len(m)) for m in members]) for _ in range(n_resamples)]).reshape(-1, 2)
+    out = {}
+    for j, key in enumerate(("gap", "overall")):
+        lo, hi = percentile_interval(reps[:, j], confidence) if n_resamples > 0 else (math.nan, math.nan)
+        out[key] = (float(point[j]), lo, hi)
+    return out
+
+
 def bootstrap_ci(
     metric, hyps: Sequence[str], refs: Sequence[str], *, n_resamples: int = 1000, seed: int = 0,
     confidence: float = 0.95,

@@ -5,7 +5,7 @@ import json
 import math
 import subprocess
 import sys
-from dataclasses import fields
+from dataclasses import fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -56,7 +56,7 @@ BAD_FLAGS = [
     (["--variant-dac-steps", "0"], "--variant-dac-steps"),
     (["--lr", "-1"], "--lr"),
     (["--stage1-lr", "0"], "--stage1-lr"),
-    (["--dac-lr", "nan"], "--dac-lr"),
+    (["--variant-dac-lr", "nan"], "--variant-dac-lr"),
     (["--lambda-scale", "-1"], "--lambda-scale"),
     (["--shortcut-strength", "-0.5"], "--shortcut-strength"),
     (["--variant-lambda-scale", "-1"], "--variant-lambda-scale"),
@@ -205,12 +205,15 @@ def effective(cfg, method, tmp_path=Path("/nonexistent")):
 
 
 def test_paper_protocol_uses_the_official_lambdas_times_the_scale_and_raw_h():
+    """Algorithm 1 as the paper writes it; phi at the backbone's lr and initialised N(0, 0.02), as in
+    the official code (the paper gives neither)."""
     official = FairnessConfig().lambdas
-    cfg = DemoConfig(lambda_scale=0.5, dac_lr=3e-4)
+    cfg = DemoConfig(lambda_scale=0.5, lr=2e-3)
     t = effective(cfg, "fairllava")
     assert t.method == "fairllava"
     assert t.fair.lambdas == {a: v * 0.5 for a, v in official.items()}
-    assert t.fair.h_norm == "none" and t.dac_lr == 3e-4
+    assert t.fair.h_norm == "none" and t.dac_lr == 2e-3 == t.lr and t.fair.dac_init == "normal"
+    assert (t.fair.protocol, t.fair.pool, t.fair.smooth_abs) == ("alternating", "mean", True)  # official penalty
     assert t.fair.dac_steps == FairnessConfig().dac_steps and t.fair.dac_memory == FairnessConfig().dac_memory  # the paper's step
     assert effective(DemoConfig(), "fairllava").fair.lambdas == official  # default scale 1
 
@@ -256,6 +259,32 @@ def test_baselines_are_plain(method):
     assert demo.method_settings(DemoConfig(lambda_scale=7.0), method) == {"method": method}
     t = effective(DemoConfig(), method)
     assert t.method == method and t.fair.h_norm == FairnessConfig().h_norm
+
+
+@pytest.mark.parametrize("arm", list(demo.FAIR_ARMS))
+def test_lambda_zero_arm_is_its_arm_with_every_lambda_zero(arm):
+    cfg = DemoConfig()
+    on, off = effective(cfg, arm), effective(cfg, arm + "_l0")
+    assert set(off.fair.lambdas.values()) == {0.0} and min(on.fair.lambdas.values()) > 0
+    assert off.fair.dac_weight == on.fair.dac_weight == 1.0  # phi still trains
+    assert replace(off, fair=replace(off.fair, lambdas=on.fair.lambdas)) == on  # nothing else differs
+
+
+def test_monitor_is_off_unless_asked_and_leaves_everything_else_alone():
+    paths = {"base": Path("/b"), "data": Path("/d"), "stage1": Path("/s")}
+    on = demo.train_config(DemoConfig(), paths, 0, 2, Path("/o"), monitor=True)
+    off = demo.train_config(DemoConfig(), paths, 0, 2, Path("/o"), monitor=False)
+    assert on.monitor_json == "/d/val.json" and off.monitor_json == ""
+    assert replace(off, monitor_json=on.monitor_json) == on
+
+
+def test_the_arms_table_reads_the_settings_the_demo_trains_with():
+    rows = {r[0]: r for r in demo.arms_rows(DemoConfig(lr=2e-3))}
+    assert set(rows) == {demo.LABELS[m] for m in demo.HEADLINE_ARMS}
+    official = rows[demo.LABELS["fairllava_official"]]
+    assert official[1:8] == ["single_step", "random_token, l2", "0.002", "1 x, memory 0", "normal", "sqrt(CLUB² + eps)",
+                             "0.2 / 0.6 / 0.1"]
+    assert rows[demo.LABELS["fairllava_batch"]][7] == "0.06 / 0.18 / 0.03"
 
 
 def test_every_method_has_a_label_and_the_defaults_are_valid():
@@ -331,40 +360,81 @@ def fake_results(gap, score=60.0, probe=40.0):
 
 
 def test_write_report_tables_summary_and_curves(tmp_path, capsys):
-    gaps = {(0, "lora"): 10.0, (1, "lora"): 12.0, (0, "fairllava"): 4.0, (1, "fairllava"): 8.0}
+    gaps = {(1, 0, "lora"): 10.0, (1, 1, "lora"): 12.0, (1, 0, "fairllava"): 4.0, (1, 1, "fairllava"): 8.0}
     results = {k: fake_results(g) for k, g in gaps.items()}
-    for m in ("lora", "fairllava"):  # the mechanism, as train.py's monitor logs it
-        (tmp_path / "seed0" / m).mkdir(parents=True)
-        (tmp_path / "seed0" / m / "monitor.jsonl").write_text("\n".join(json.dumps(
-            {"step": s, "probe/race": 0.5, "dac_acc/race": 0.4, "club/race": 0.1, "h_rms": 1.0}) for s in (0, 25)))
-    demo.write_report(DemoConfig(seeds=(0, 1)), tmp_path, results, ["lora", "fairllava", "reweight"])
+    for s in (0, 1):
+        for m in ("lora", "fairllava"):  # the mechanism, as train.py's monitor logs it
+            (tmp_path / "draw1" / f"seed{s}" / m).mkdir(parents=True)
+            (tmp_path / "draw1" / f"seed{s}" / m / "monitor.jsonl").write_text("\n".join(json.dumps(
+                {"step": t, "probe/race": 0.5 + s / 10, "dac_acc/race": 0.4, "club/race": 0.1, "h_rms": 1.0})
+                for t in (0, 25)))
+    demo.write_report(DemoConfig(seeds=(0, 1)), tmp_path, results, ["lora", "fairllava", "reweight"],
+                      curves=[(1, 0), (1, 1)])
     md = (tmp_path / "results.md").read_text()
     assert "| metric | LoRA (LLaVA-Rad baseline) | FairLLaVA (paper protocol) |" in md  # reweight: no results
     lo, hi = demo.mean_ci([10.0, 12.0]), demo.mean_ci([4.0, 8.0])
     assert f"| Δ-FindF1(R) | {lo[0]:.2f} ± {lo[1]:.2f} | {hi[0]:.2f} ± {hi[1]:.2f} |" in md
-    d = demo.mean_ci([4.0 - 10.0, 8.0 - 12.0])  # paired: per-seed differences
-    assert f"| FairLLaVA (paper protocol) | Δ-FindF1(R) | {d[0]:+.2f} ± {d[1]:.2f} | -6.00 -4.00 |" in md
-    # the key numbers: the disadvantaged group against the others, the swap in percent, over seeds
+    d = demo.mean_ci([4.0 - 10.0, 8.0 - 12.0])  # paired: per-run differences
+    assert (f"| FairLLaVA (paper protocol) | Δ Finding-F1, race | {d[0]:+.2f} ± {d[1]:.2f} | "
+            f"[{d[0] - d[1]:+.2f}, {d[0] + d[1]:+.2f}] | no difference shown | 2/2 | -6.0 … -4.0 |") in md
+    # the key numbers: the disadvantaged group against the others, the swap in percent, over runs
     assert f"| Δ Finding-F1, race | {lo[0]:.1f} ± {lo[1]:.1f} | {hi[0]:.1f} ± {hi[1]:.1f} |" in md
     assert "| Finding-F1, black patients | 60.0 ± 0.0 | 60.0 ± 0.0 |" in md
     assert "| Finding-F1, other races (mean) | 71.0 ± 12.7 | 66.0 ± 25.4 |" in md  # white = 60 + gap
     assert "| trace swap: findings lost, white→black | 50.0 ± 0.0 | 50.0 ± 0.0 |" in md
     d = demo.mean_ci([(60 + 4.0) - (60 + 10.0), (60 + 8.0) - (60 + 12.0)])
     assert f"| FairLLaVA (paper protocol) | Finding-F1, other races (mean) | {d[0]:+.2f} ± {d[1]:.2f} |" in md
-    assert "| 0 | black | 0.25 / 0.10 |" in md and "| LoRA (LLaVA-Rad baseline) | 1 | white->black | 0.500 |" in md
+    assert "| black | 0.25 / 0.10 |" in md and "| LoRA (LLaVA-Rad baseline) | white->black | 0.500 ± 0.000 |" in md
+    assert "| LoRA (LLaVA-Rad baseline) | 0/2 | 60.0 |" in md  # nobody collapsed
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert summary["seeds"] == [0, 1] and set(summary["runs"]) == {"lora", "fairllava"}
-    assert summary["runs"]["fairllava"]["1"]["fairness"]["race"]["Finding-F1 (shortcut findings)"]["gap"] == 8.0
+    assert set(summary["runs"]) == {"lora", "fairllava"}
+    assert summary["runs"]["fairllava"]["draw1/seed1"]["fairness"]["race"]["Finding-F1 (shortcut findings)"]["gap"] == 8.0
     assert summary["config"]["seeds"] == [0, 1]
     assert Image.open(tmp_path / "curves.png").format == "PNG"
     assert "results.md" in capsys.readouterr().out
 
 
-def test_one_seed_key_table_gives_the_race_gap_its_bootstrap_interval(tmp_path):
-    demo.write_report(DemoConfig(), tmp_path, {(0, "lora"): fake_results(10.0)}, ["lora"])
+def test_paired_bootstrap_rows_read_each_runs_predictions(tmp_path):
+    """Per run: the change in the race gap against LoRA on the same test cases, with its paired
+    interval; a method that drops black patients' findings widens the gap, significantly."""
+    import synthetic
+    cfg = synthetic.SyntheticConfig(n_pretrain=8, n_train=8, n_val=4, n_test=240, n_swap=4, size=32, vocab_size=300)
+    synthetic.make_synthetic(tmp_path / "draw1" / "data", cfg)
+    items = json.loads((tmp_path / "draw1" / "data" / "test.json").read_text())
+    answer = lambda it: it["conversations"][1]["value"]
+    for m, text in (("lora", answer), ("fairllava", lambda it: "No acute findings." if it["race_major"] == "black" else answer(it))):
+        (tmp_path / "draw1" / "seed0" / m / "eval").mkdir(parents=True)
+        (tmp_path / "draw1" / "seed0" / m / "eval" / "predictions_test.jsonl").write_text("".join(
+            json.dumps({"id": it["id"], "prediction": text(it)}) + "\n" for it in items))
+    [[name, cell]] = demo.paired_bootstrap_rows(tmp_path, {}, ["lora", "fairllava"], [(1, 0)], n_resamples=50)
+    assert name == "draw 1, seed 0" and cell.startswith("+100.0 [") and cell.endswith("*")
+
+
+def test_collapse_counts_runs_below_the_threshold():
+    results = {(1, s, "fairllava"): fake_results(5.0, score=sc) for s, sc in enumerate((60.0, demo.COLLAPSE - 1, 50.0))}
+    [row] = demo.collapse_rows(results, ["fairllava"], [(1, 0), (1, 1), (1, 2)])
+    assert row[1:3] == ["1/3", f"{demo.COLLAPSE - 1:.1f}"]
+
+
+def test_one_run_key_table_gives_the_race_gap_its_bootstrap_interval(tmp_path):
+    demo.write_report(DemoConfig(), tmp_path, {(1, 0, "lora"): fake_results(10.0)}, ["lora"])
     md = (tmp_path / "results.md").read_text()
     assert "| Δ Finding-F1, race | 10.0 [9.0, 11.0] |" in md and "| ES-Finding-F1, race | 54.5 |" in md
     assert "Paired differences" not in md
+
+
+def test_band_is_mean_and_range_over_runs_at_shared_steps():
+    runs = [[{"step": 0, "x": 1.0}, {"step": 25, "x": 3.0}], [{"step": 0, "x": 3.0}, {"step": 25, "x": 5.0},
+                                                               {"step": 50, "x": 9.0}]]
+    assert demo._band(runs, "x") == [(0, 2.0, 1.0, 3.0), (25, 4.0, 3.0, 5.0)]
+
+
+def test_draw_lines_draws_error_bars_on_an_even_categorical_axis(tmp_path):
+    panels = [("gap", {"a": [(i, 10.0 - i, 8.0 - i, 12.0 - i) for i in range(4)]})]
+    demo.draw_lines(panels, tmp_path / "t.png", "title", "scale", xticks=[(0, "0"), (1, "0.1"), (2, "0.3"), (3, "1")])
+    img = np.asarray(Image.open(tmp_path / "t.png").convert("RGB"))[100:, :420]
+    cols = np.flatnonzero((img == evaluate.COLORS[0]).all(-1).any(0))
+    assert cols.max() - cols.min() > 200  # the four points spread over the panel
 
 
 def test_a_copied_dir_is_reused_as_it_stands(tmp_path):
@@ -397,15 +467,15 @@ def demo_refusal(args, cwd):
 
 def test_demo_refuses_folders_and_files_of_the_user(tmp_path):
     d = tmp_path / "D"
-    (d / "data").mkdir(parents=True)
+    (d / "draw1" / "data").mkdir(parents=True)
     (d / "base").mkdir()
-    (d / "data" / "notes.txt").write_text("x")
+    (d / "draw1" / "data" / "notes.txt").write_text("x")
     (d / "base" / "thesis.tex").write_text("y")
     (d / "results.md").write_text("my results")
     message = demo_refusal(["--dir", str(d), "--n-test", "240", "--workers", "1"], tmp_path)
     assert f"{d / 'results.md'} was not written by the demo" in message
     (d / "results.md").unlink()
     message = demo_refusal(["--dir", str(d), "--n-test", "240", "--workers", "1"], tmp_path)
-    assert f"{d / 'data'} exists but was not made by the demo" in message
-    assert (d / "data" / "notes.txt").read_text() == "x" and (d / "base" / "thesis.tex").read_text() == "y"
-    assert sorted(p.name for p in d.iterdir()) == ["base", "data"]
+    assert f"{d / 'draw1' / 'data'} exists but was not made by the demo" in message
+    assert (d / "draw1" / "data" / "notes.txt").read_text() == "x" and (d / "base" / "thesis.tex").read_text() == "y"
+    assert sorted(p.name for p in d.iterdir()) == ["base", "draw1"]

@@ -318,8 +318,12 @@ def test_convert_a_latin1_csv(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("args, expected", [
-    (["--seeds", "-1"], "--seeds and --data-seed must be in [0, 2**32)"),
-    (["--data-seed", "-3"], "--seeds and --data-seed must be in [0, 2**32)"),
+    (["--seeds", "-1"], "--seeds, --data-seed, --base-seed and --check-draws must be in [0, 2**32)"),
+    (["--data-seed", "-3"], "--seeds, --data-seed, --base-seed and --check-draws must be in [0, 2**32)"),
+    (["--check-draws", "5", "-3"], "--seeds, --data-seed, --base-seed and --check-draws must be in [0, 2**32)"),
+    (["--study", "--seeds", "3"], "--study runs its own draws, seeds and arms"),
+    (["--study", "--check-draws", "3"], "--study and --check-draws are two runs"),
+    (["--check-draws", "3", "--seeds", "0", "1"], "--check-draws trains LoRA and its control with one training seed"),
     (["--seeds", "1", "1"], "--seeds lists a seed twice: 1 1"),
 ])
 def test_demo_seeds(tmp_path, capsys, args, expected):
@@ -330,16 +334,17 @@ def test_demo_seeds(tmp_path, capsys, args, expected):
 @pytest.mark.parametrize("kind", ["file", "symlink"])
 def test_demo_data_folder_that_is_a_file_or_a_link(tmp_path, kind):
     d = tmp_path / "D"
-    d.mkdir()
+    (d / "draw1").mkdir(parents=True)
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "thesis.tex").write_text("y")
-    (d / "data").write_text("x") if kind == "file" else (d / "data").symlink_to(tmp_path / "mine")
+    data_dir = d / "draw1" / "data"  # the default draw's benchmark
+    data_dir.write_text("x") if kind == "file" else data_dir.symlink_to(tmp_path / "mine")
     before = snapshot(tmp_path)
     r = subprocess.run([sys.executable, str(ROOT / "demo.py"), "--dir", str(d), "--n-test", "240", "--workers", "1"],
                        capture_output=True, text=True, timeout=120)
     lines = r.stderr.strip().splitlines()
     assert r.returncode != 0 and len(lines) == 1, r.stderr
-    assert f"{d / 'data'} is a {'file' if kind == 'file' else 'symbolic link'}, not a folder" in lines[0]
+    assert f"{data_dir} is a {'file' if kind == 'file' else 'symbolic link'}, not a folder" in lines[0]
     assert snapshot(tmp_path) == before
 
 
@@ -359,9 +364,9 @@ def test_a_retrained_stage1_changes_the_stage2_key(env, tmp_path):
 
 
 def test_the_test_split_is_described_as_scored():
-    res = {(0, "lora"): {"fairness": {"race": {"Finding-F1 (shortcut findings)": {"groups": {
+    res = {(1, 0, "lora"): {"fairness": {"race": {"Finding-F1 (shortcut findings)": {"groups": {
         "white": {"n": 58}, "black": {"n": 62}, "asian": {"n": 61}, "hispanic": {"n": 59}}}}}}}
-    assert demo.test_split(res) == "240 decorrelated cases (58-62 per race)"
+    assert demo.test_split(res) == "240 decorrelated cases per draw (58-62 per race)"
 
 
 def _worker_pids():

@@ -398,10 +398,10 @@ def test_swap_flips_counts_lost_gained_and_changed_per_direction():
 def test_base_seed_fixes_the_readers_across_draws(tmp_path):
     """With base_seed set, a new draw (seed) gives new patients in train / val / test and the same
     pretrain split and tokenizer, so the stand-in base models are the same on every draw
-    (docs/benchmark_draws.md); without it the pretrain split follows the draw, as before."""
+    (docs/benchmark_draws.md); with None the pretrain split follows the draw."""
     S.make_synthetic(tmp_path / "a", S.SyntheticConfig(**{**TINY, "base_seed": 7, "seed": 1}))
     S.make_synthetic(tmp_path / "b", S.SyntheticConfig(**{**TINY, "base_seed": 7, "seed": 2}))
-    S.make_synthetic(tmp_path / "c", S.SyntheticConfig(**{**TINY, "seed": 1}))
+    S.make_synthetic(tmp_path / "c", S.SyntheticConfig(**{**TINY, "base_seed": None, "seed": 1}))
     read = lambda d, f: (tmp_path / d / f).read_bytes()
     for split in ("train", "val", "test"):
         assert read("a", f"{split}.json") != read("b", f"{split}.json")
