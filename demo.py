@@ -233,7 +233,7 @@ def done(folder, key, root=None):
 
 # The files the demo writes in --dir itself: each written over only while it holds what the demo
 # wrote there (outputs.py keeps the record).
-OUTPUTS = ("results.md", "summary.json", "curves.png", "tradeoff.png")
+OUTPUTS = ("results.md", "summary.json", "curves.png", "curves_lambda0.png", "tradeoff.png")
 
 
 def write_output(root, name, write):
@@ -911,7 +911,8 @@ def study(cfg, root, pool):
                           else f"fairllava_batch_x{x:g}")
     specs = [Spec(paths[d], d, s, m, monitor=d == DRAWS[0] and s in CONTROL_SEEDS)
              for d in DRAWS for s in SEEDS for m in HEADLINE_ARMS]
-    specs += [Spec(paths[d], d, s, m + "_l0") for d in DRAWS for s in CONTROL_SEEDS for m in FAIR_ARMS]
+    specs += [Spec(paths[d], d, s, m + "_l0", monitor=d == DRAWS[0]) for d in DRAWS for s in CONTROL_SEEDS
+              for m in FAIR_ARMS]
     specs += [Spec(ctrl[(d, c)], d, s, "lora", f"lora_{c}") for d in DRAWS for s in CONTROL_SEEDS
               for c in ("strength0", "oracle")]
     specs += [Spec(paths[DRAWS[0]], DRAWS[0], s, "fairllava_batch", dose_tag(x),
@@ -957,6 +958,10 @@ def study(cfg, root, pool):
              f"{CONTROL_SEEDS[0]}-{CONTROL_SEEDS[-1]}; x {cfg.variant_lambda_scale:g} is the variant, x 0 its lambda = 0)\n",
              markdown_table(["scale", "probe race", "Δ Finding-F1, race", f"Finding-F1, {BLACK}", "Finding-F1, whole",
                              "CheXpert-F1"], dose_rows)]
+    write_output(root, "curves_lambda0.png", lambda p: draw_curves(
+        {LABELS[m]: [root / f"draw{d}" / f"seed{s}" / m / "monitor.jsonl" for d, s in dunits]
+         for arm in FAIR_ARMS for m in (arm, arm + "_l0")}, p,
+        f"Each FairLLaVA arm with and without DIM ({'; '.join(map(unit_name, dunits))}; mean and range)"))
     lora_d = [results[u + ("lora",)] for u in dunits]
     write_output(root, "tradeoff.png", lambda p: draw_lines(
         [(title, {"FairLLaVA, batch-standardised h": [(i, *_ci3([fn(r) for r in dose[x]])) for i, x in enumerate(scales)],
