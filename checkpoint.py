@@ -35,9 +35,23 @@ def resolve_path(path_or_repo, allow_patterns=None, cache_only=False):
     try:
         from huggingface_hub import snapshot_download
         return Path(snapshot_download(str(path_or_repo), allow_patterns=allow_patterns, local_files_only=cache_only))
-    except Exception as e:  # offline, unknown repo, gated...: say which and why
-        how = "is not in the local hub cache (download it first)" if cache_only else "the hub download failed"
+    except FileNotFoundError as e:
+        if cache_only:  # not cached, or cached in part. The hub's own advice names its arguments
+            # (local_files_only=False), which are no flags of ours: say what to run instead
+            raise FileNotFoundError(
+                f"{path_or_repo}: not a local path, and not (completely) in the local hub cache; the preflight never "
+                f"downloads. Download it first: {download_command(path_or_repo, allow_patterns)}; or pass a local "
+                "folder instead of the id") from e
+        raise FileNotFoundError(f"{path_or_repo}: not a local path, and the hub download failed: {e}") from e
+    except Exception as e:  # offline, unknown repo, gated, no huggingface_hub...: say which and why
+        how = "the local hub cache could not be read" if cache_only else "the hub download failed"
         raise FileNotFoundError(f"{path_or_repo}: not a local path, and {how}: {e}") from e
+
+
+def download_command(repo, allow_patterns=None):
+    """The shell command that fetches `repo` into the local hub cache as resolve_path would."""
+    patterns = f", allow_patterns={list(allow_patterns)!r}" if allow_patterns else ""
+    return f"python3 -c \"from huggingface_hub import snapshot_download; snapshot_download('{repo}'{patterns})\""
 
 
 def load_tensors(path):

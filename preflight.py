@@ -1,6 +1,6 @@
 """Preflight: every input of a run checked in seconds, before anything is loaded, so that a cluster
-job fails before it queues for GPUs rather than 20 minutes in. One table of checks, one line per
-problem, exit status 2.
+job fails before it queues for GPUs rather than 20 minutes in. One table of checks on stdout, each
+problem once, as one line on stderr, exit status 2.
 
     python train.py --preflight ...the run's flags...     # check_train_run below
     python evaluate.py --preflight ...the run's flags...  # evaluate.preflight, from the pieces here
@@ -210,13 +210,16 @@ class Preflight:
         return [f"{name}: {detail}" for name, status, detail in self.rows if status == "problem"]
 
     def report(self, prog):
-        """Print the table, then one line per problem on stderr -> the exit status (0 or 2)."""
+        """Print the table on stdout, then each problem once, as one line on stderr (where every
+        refusal of train.py and evaluate.py goes; its table row points there) -> the exit status
+        (0 or 2)."""
         width = max(len(name) for name, _, _ in self.rows)
         print(f"{'check':<{width}}  {'result':<8}  detail")
         for name, status, detail in self.rows:
-            print(f"{name:<{width}}  {status:<8}  {detail}")
+            print(f"{name:<{width}}  {status:<8}  {'(on stderr)' if status == 'problem' else detail}")
         problems = self.problems()
-        print(f"preflight: {len(problems)} problem(s); " + ("the run would not start" if problems else "the run would start"))
+        print(f"preflight: {len(problems)} problem(s); " + ("the run would not start" if problems else "the run would start"),
+              flush=True)  # the table before the problem lines, when both go to one log
         for line in problems:
             print(f"{prog}: preflight: {line}", file=sys.stderr)
         return 2 if problems else 0

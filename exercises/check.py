@@ -5,21 +5,24 @@
     python exercises/check.py --reference all               # the project's own code passes every check
 
 A solution file is a copy of exercises/templates/<exercise>.py with the function bodies written.
-Each check feeds random and edge-case inputs to your function and to the project's code
-(exercises/reference.py: model.py, generate.py, lora.py, fairness.py, metrics.py, data.py behind
-the exercise's interface), adds an independent oracle where there is one (sacreBLEU, a full forward
-pass without a cache, the gradient of one process on the whole batch), and stops at the first
-difference with a message saying which case failed and what it tests. Every check takes about a
-second or less on a CPU.
+Before it runs, its source is read (screen): a file that imports or calls the code it would be
+checked against (Exercise.forbidden) is refused, naming each such line. Each check then feeds random
+and edge-case inputs to your function and to the project's code (exercises/reference.py: model.py,
+generate.py, lora.py, fairness.py, metrics.py, data.py behind the exercise's interface), adds an
+independent oracle where there is one (sacreBLEU, a full forward pass without a cache, the gradient
+of one process on the whole batch), and stops at the first difference with a message saying which
+case failed and what it tests. A check takes 2-4 s on a 2-core CPU, about 2 s of it importing torch.
 """
 
 import argparse
+import ast
 import copy
 import importlib.util
+import itertools
 import math
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -437,16 +440,63 @@ def check_pooling(m, ref):
     close(got, ref.pool_hidden(hidden, mask, "mid"), "bfloat16 hidden states, pooled in float32", atol=1e-6)
 
 
-def _club_oracle(logits, labels, negatives):
-    """The N x N matrix of the docstring, written out."""
-    keep = labels >= 0
-    log_q, y = F.log_softmax(logits[keep].double(), -1), labels[keep]
-    n = len(y)
-    mat = log_q[:, y]  # mat[i, j] = log q(a_j | h_i)
-    positive = mat.diagonal().mean()
-    if negatives == "all":
-        return positive - mat.mean()
-    return positive - (mat.sum() - mat.diagonal().sum()) / (n * (n - 1))
+# the negative term: which pairs are summed, and what the sum is divided by
+PAIRS_OFF, PAIRS_ALL = "the pairs i != j", "all pairs i, j (the diagonal i = j included)"
+NEGATIVE_TERMS = [(PAIRS_OFF, "N(N-1)"), (PAIRS_ALL, "N^2"), (PAIRS_OFF, "N^2"), (PAIRS_ALL, "N(N-1)")]
+
+
+def _club_variant(logits, labels, unknown="left out", log=True, negative=(PAIRS_OFF, "N(N-1)")):
+    """CLUB written out as the N x N matrix, in float64, with each choice a solution can get wrong:
+    unknown: "left out" (right), or the class a label -1 is read as; log: log q (right) or q;
+    negative: (the pairs summed, the divisor), one of NEGATIVE_TERMS."""
+    if unknown == "left out":
+        keep = labels >= 0
+        logits, labels = logits[keep], labels[keep]
+    else:
+        labels = torch.where(labels >= 0, labels, torch.full_like(labels, unknown))
+    n = len(labels)
+    if n < 2:
+        return torch.zeros((), dtype=torch.float64)
+    log_q = F.log_softmax(logits.detach().double(), -1)
+    mat = (log_q if log else log_q.exp())[:, labels]  # mat[i, j] = log q(a_j | h_i)
+    pairs, divisor = negative
+    total = mat.sum() - (mat.diagonal().sum() if pairs == PAIRS_OFF else 0.0)
+    return mat.diagonal().mean() - total / (n * n if divisor == "N^2" else n * (n - 1))
+
+
+def _club_right(negatives):
+    """The _club_variant settings that define CLUB for `negatives`: the official negatives are the
+    N(N-1) pairs i != j, the original CLUB's all N^2 pairs."""
+    return dict(unknown="left out", log=True, negative=NEGATIVE_TERMS[0 if negatives == "off_diagonal" else 1])
+
+
+def _club_mistakes(got, logits, labels, negatives):
+    """The fewest mistakes whose combination gives the value `got` (a float) -> one message per
+    mistake, or [] when no combination of the known mistakes explains it."""
+    right = _club_right(negatives)
+    K = logits.shape[1]
+    choices = {"unknown": ["left out", 0, K - 1], "log": [True, False], "negative": NEGATIVE_TERMS}
+    best = None
+    for combo in itertools.product(*choices.values()):
+        variant = dict(zip(choices, combo))
+        wrong = [k for k in choices if variant[k] != right[k]]
+        if not wrong or (best is not None and len(wrong) >= len(best[0])):
+            continue
+        if abs(got - float(_club_variant(logits, labels, **variant))) <= 1e-5:
+            best = wrong, variant
+    if best is None:
+        return []
+    wrong, variant = best
+    how = {0: "as class 0", K - 1: f"as class K-1 = {K - 1} (Python's negative indexing)"}
+    (pairs, divisor), (their_pairs, their_divisor) = right["negative"], variant["negative"]
+    messages = {
+        "unknown": f"label -1 means unknown: leave those samples out of every pair; yours reads -1 "
+                   f"{how.get(variant['unknown'])}",
+        "log": "log_mat[i, j] is the log-probability log q(a_j | h_i) (log_softmax), not the probability q",
+        "negative": f"negatives={negatives!r}: the negative term is the mean over {pairs}, their sum divided by "
+                    f"{divisor}; yours divides the sum over {their_pairs} by {their_divisor}",
+    }
+    return [messages[k] for k in wrong]
 
 
 def check_club(m, ref):
@@ -457,14 +507,23 @@ def check_club(m, ref):
             logits = randn(8, 3, g=g, scale=scale)
             a, b = logits.clone().requires_grad_(True), logits.clone().requires_grad_(True)
             got, exp = m.club(a, labels, negatives), ref.club(b, labels, negatives)
-            what = (f"negatives={negatives!r}: positive = mean_i log q(a_i | h_i); negative = mean of log q(a_j | h_i) "
-                    f"over {'pairs i != j' if negatives == 'off_diagonal' else 'all pairs i, j'}; samples with "
+            got = as_tensor(got, "club").reshape(())
+            oracle = _club_variant(logits, labels, **_club_right(negatives))
+            case = f"negatives={negatives!r}, 8 samples (one with label -1), 3 classes"
+            value = float(got.detach())
+            if abs(value - float(oracle)) > 1e-5:  # name the mistakes when known ones explain the value
+                mistakes = _club_mistakes(value, logits, labels, negatives)
+                if mistakes:
+                    raise ExerciseFailed(f"{case}: got {value:.6g}, expected {float(oracle):.6g}\n  - "
+                                         + "\n  - ".join(mistakes))
+            what = (f"{case}: positive = mean_i log q(a_i | h_i); negative = mean of log q(a_j | h_i) over "
+                    f"{'the pairs i != j' if negatives == 'off_diagonal' else 'all pairs i, j'}; samples with "
                     "label -1 are left out")
-            close(as_tensor(got, "club").reshape(()), exp, what, atol=1e-5)
-            close(got.reshape(()), _club_oracle(logits, labels, negatives), what + " (the N x N matrix)", atol=1e-5)
+            close(got, exp, what, atol=1e-5)
+            close(got, oracle, what + " (the N x N matrix)", atol=1e-5)
             expect(got.requires_grad, f"negatives={negatives!r}: CLUB must stay differentiable (no .item(), no "
                    "numpy): DIM backpropagates through it")
-            got.sum().backward()
+            got.backward()
             exp.backward()
             close(a.grad, b.grad, f"negatives={negatives!r}: gradient of CLUB with respect to the logits", atol=1e-5)
     edge = {"one known label": (randn(4, 3, g=g), torch.tensor([1, -1, -1, -1])),
@@ -513,7 +572,9 @@ def check_alternating_step(m, ref):
                 p.grad is not None and before is not None and torch.equal(p.grad, before)) or (
                 before is None and p.grad is not None and not p.grad.any())
             expect(unchanged, f"{where}: L_DIM.backward() changed phi's gradient ({name}); phi is frozen in the "
-                   "DIM term (use reg.frozen_logits, or detached parameters)")
+                   "DIM term. Write the freeze yourself (reg's methods are not allowed here): phi's logits from its "
+                   "parameters detached, as FairnessRegularizer.frozen_logits does, or with requires_grad switched "
+                   "off while the DIM graph is built")
         for (name, p_c), p_r in zip(bb_c.named_parameters(), bb_r.parameters()):
             close(p_c.grad if p_c.grad is not None else torch.zeros_like(p_c), p_r.grad,
                   f"{where}: gradient of L_DIM in the backbone ({name})", atol=1e-6)
@@ -526,33 +587,147 @@ def check_alternating_step(m, ref):
 
 
 @dataclass(frozen=True)
+class Forbidden:
+    """What a solution may not import or call, because it does what the exercise asks for (and with
+    the project's own code, the check would compare that code with itself).
+    modules: {module: the names from it the template allows}; any other name from it is refused
+    (a module with none allowed: its import is refused).
+    methods: attributes refused on any object, e.g. the project's own method (reg.alternating_step).
+    functions: refused as a call f(...), an attribute x.f or an import, e.g. torch's own version."""
+    modules: dict = field(default_factory=dict)
+    methods: tuple = ()
+    functions: tuple = ()
+
+
+# never allowed: the project's code behind the exercises' interfaces, and the checker that loads it
+# (run as a script, exercises/ is on sys.path, so `reference` and `check` import as they are)
+ALWAYS_FORBIDDEN = ("exercises", "reference", "check")
+
+
+@dataclass(frozen=True)
 class Exercise:
     name: str
     level: str  # warm-up | core | paper
     title: str
     names: tuple  # what the solution file must define
     check: Callable
+    forbidden: Forbidden  # on top of ALWAYS_FORBIDDEN and x.<one of names> on any object
 
 
 EXERCISES = {e.name: e for e in [
-    Exercise("rmsnorm", "warm-up", "RMSNorm in float32", ("rmsnorm",), check_rmsnorm),
-    Exercise("patch_embed", "warm-up", "the ViT patch embedding", ("patch_embed",), check_patch_embed),
+    Exercise("rmsnorm", "warm-up", "RMSNorm in float32", ("rmsnorm",), check_rmsnorm,
+             Forbidden({"model": ()}, functions=("rms_norm", "RMSNorm"))),
+    Exercise("patch_embed", "warm-up", "the ViT patch embedding", ("patch_embed",), check_patch_embed,
+             Forbidden({"model": ()}, functions=("conv2d", "Conv2d"))),  # the template: no convolution
     Exercise("reweighting", "warm-up", "the resampling and reweighting baselines",
-             ("inverse_frequency_weights", "balanced_probabilities"), check_reweighting),
-    Exercise("es_metric", "warm-up", "the equity-scaled metric ES-M", ("es_metric",), check_es_metric),
-    Exercise("rope", "core", "rotary position embeddings", ("rope",), check_rope),
-    Exercise("causal_mask", "core", "the causal + padding attention mask", ("attention_mask_4d",), check_causal_mask),
-    Exercise("gqa_attention", "core", "grouped-query attention", ("attention",), check_gqa_attention),
-    Exercise("kv_cache", "core", "the KV cache", ("KVCache",), check_kv_cache),
-    Exercise("lora", "core", "LoRA: init, forward, merge", ("lora_init", "lora_forward", "lora_merge"), check_lora),
-    Exercise("bleu", "core", "corpus BLEU with the brevity penalty", ("corpus_bleu",), check_bleu),
+             ("inverse_frequency_weights", "balanced_probabilities"), check_reweighting, Forbidden({"data": ()})),
+    Exercise("es_metric", "warm-up", "the equity-scaled metric ES-M", ("es_metric",), check_es_metric,
+             Forbidden({"metrics": ()})),
+    Exercise("rope", "core", "rotary position embeddings", ("rope",), check_rope, Forbidden({"model": ()})),
+    Exercise("causal_mask", "core", "the causal + padding attention mask", ("attention_mask_4d",), check_causal_mask,
+             Forbidden({"model": ()})),
+    Exercise("gqa_attention", "core", "grouped-query attention", ("attention",), check_gqa_attention,
+             Forbidden({"model": ("apply_rope", "rotate_half", "rope_cos_sin")},  # RoPE is exercise 5
+                       functions=("scaled_dot_product_attention", "MultiheadAttention"))),
+    Exercise("kv_cache", "core", "the KV cache", ("KVCache",), check_kv_cache, Forbidden({"generate": ()})),
+    Exercise("lora", "core", "LoRA: init, forward, merge", ("lora_init", "lora_forward", "lora_merge"), check_lora,
+             Forbidden({"lora": (), "fast": ()})),
+    Exercise("bleu", "core", "corpus BLEU with the brevity penalty", ("corpus_bleu",), check_bleu,
+             Forbidden({"metrics": ("tokenize_13a",), "sacrebleu": ()})),
     Exercise("grad_accumulation", "core", "token-normalised loss under DDP and gradient accumulation",
-             ("count_targets", "micro_batch_loss"), check_grad_accumulation),
-    Exercise("pooling", "paper", "h(x): hidden-layer selection and pooling", ("pool_hidden",), check_pooling),
-    Exercise("club", "paper", "the CLUB estimator: DIM's positive and negative pairs", ("club",), check_club),
+             ("count_targets", "micro_batch_loss"), check_grad_accumulation,
+             Forbidden({"model": ("IGNORE_INDEX",), "train": (), "fast": ()})),
+    Exercise("pooling", "paper", "h(x): hidden-layer selection and pooling", ("pool_hidden",), check_pooling,
+             Forbidden({"fairness": ()})),
+    Exercise("club", "paper", "the CLUB estimator: DIM's positive and negative pairs", ("club",), check_club,
+             Forbidden({"fairness": ()})),
     Exercise("alternating_step", "paper", "the alternating DAC / DIM step (Algorithm 1)", ("alternating_step",),
-             check_alternating_step),
+             check_alternating_step,
+             Forbidden({"fairness": ("club", "dac_loss", "dim_penalty"), "train": ()},
+                       # reg's methods that do the step or one of its stop-gradients; reg(...) is its forward
+                       methods=("alternating_step", "dac_loss", "frozen_logits", "dim_terms", "dim_loss", "phi_step",
+                                "_fit_phi", "single_step_loss"),
+                       functions=("reg",))),
 ]}
+
+
+# -----------------------------------------------------------------------------
+# a solution file must not use the code it is checked against
+
+
+class _Screen(ast.NodeVisitor):
+    """Collects (line, what) for every import, attribute or call of a solution's syntax tree that
+    Exercise.forbidden (with ALWAYS_FORBIDDEN) refuses."""
+
+    def __init__(self, ex):
+        self.modules = {**{m: () for m in ALWAYS_FORBIDDEN}, **ex.forbidden.modules}
+        self.methods = set(ex.forbidden.methods) | set(ex.names)
+        self.functions = set(ex.forbidden.functions)
+        self.aliases = {}  # local name -> a module imported whole, whose allowed names are checked where used
+        self.found = set()
+
+    def refuse(self, node, what):
+        self.found.add((node.lineno, what))
+
+    def visit_Import(self, node):
+        for a in node.names:
+            top = a.name.split(".")[0]
+            if top in self.modules and self.modules[top] and "." not in a.name:
+                self.aliases[a.asname or top] = top
+            elif top in self.modules:
+                self.refuse(node, f"imports {a.name}")
+
+    def visit_ImportFrom(self, node):
+        names = [a.name for a in node.names]
+        top = (node.module or "").split(".")[0]
+        if top in self.modules:
+            for n in names:
+                if n == "*" or n not in self.modules[top]:
+                    self.refuse(node, f"imports {node.module}.{n}")
+            return
+        for n in names:  # `from . import reference`, or torch's own version of the exercise
+            if (not node.module and n in self.modules) or n in self.functions:
+                self.refuse(node, f"imports {node.module + '.' if node.module else ''}{n}")
+
+    def visit_Attribute(self, node):
+        if isinstance(node.value, ast.Name) and node.value.id in self.aliases:
+            module = self.aliases[node.value.id]
+            if node.attr not in self.modules[module]:
+                full = "" if node.value.id == module else f" ({module}.{node.attr})"
+                self.refuse(node, f"uses {ast.unparse(node)}{full}")
+        elif node.attr in self.methods or node.attr in self.functions:
+            self.refuse(node, f"uses {ast.unparse(node)}")
+        self.generic_visit(node)
+
+    def visit_Call(self, node):
+        if isinstance(node.func, ast.Name) and node.func.id in self.functions:
+            self.refuse(node, f"calls {node.func.id}(...)")
+        how = ast.unparse(node.func)
+        if how in ("__import__", "importlib.import_module", "import_module") and node.args:
+            arg = node.args[0]
+            if isinstance(arg, ast.Constant) and str(arg.value).split(".")[0] in self.modules:
+                self.refuse(node, f"imports {arg.value} (through {how})")
+        self.generic_visit(node)
+
+
+def forbidden_uses(name, source, filename="<solution>"):
+    """The places where a solution's source imports or calls what exercise `name` asks the student
+    to write -> ["line N: imports fairness.club", ...] in line order; [] when there are none.
+    Read from the syntax tree, before the file runs. A SyntaxError propagates."""
+    screen = _Screen(EXERCISES[name])
+    screen.visit(ast.parse(source, filename))
+    return [f"line {line}: {what}" for line, what in sorted(screen.found)]
+
+
+def screen(name, path):
+    """Refuse (ExerciseFailed) a solution file that imports or calls the code exercise `name` is
+    checked against: it would pass without the student writing anything."""
+    uses = forbidden_uses(name, Path(path).read_text(), str(path))
+    if uses:
+        allowed = sorted(f"{m}.{n}" for m, names in EXERCISES[name].forbidden.modules.items() for n in names)
+        raise ExerciseFailed(f"{name}: {path} uses code that does this exercise for you:\n  " + "\n  ".join(uses)
+                             + "\nWrite it yourself. From the project, this exercise allows "
+                             + (", ".join(allowed) if allowed else "nothing") + " (see its template).")
 
 
 def reference():
@@ -581,10 +756,14 @@ def run(name, solution):
         raise ExerciseFailed(f"{name}: your code raised {type(e).__name__}: {e}") from e
 
 
-def load_solution(path):
+def load_solution(path, name=None):
+    """Import a solution file. Given the exercise's name, its source is screened first (screen):
+    a file that uses the code it is checked against is refused before it runs."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
+    if name is not None:
+        screen(name, path)
     spec = importlib.util.spec_from_file_location(f"solution_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -614,7 +793,10 @@ def main(argv=None):
         if not args.file:
             ap.error(f"give your solution file, e.g. python exercises/check.py {args.exercise} my/{args.exercise}.py")
         try:
-            solutions = {args.exercise: load_solution(args.file)}
+            solutions = {args.exercise: load_solution(args.file, args.exercise)}
+        except ExerciseFailed as e:  # it uses the code it would be checked against
+            print(f"FAIL  {e}")
+            return 1
         except Exception as e:  # a syntax error or a failing import in the student's file
             print(f"FAIL  {args.exercise}: could not load {args.file}: {type(e).__name__}: {e}")
             return 1

@@ -1,9 +1,12 @@
 """The exercise checker (exercises/check.py) is fair: for every exercise in EXERCISES.md,
 the project's own code passes, an independent from-scratch solution passes, the provided template
-and an empty body fail, and plausible wrong solutions fail for the reason they are wrong."""
+and an empty body fail, plausible wrong solutions fail for the reason they are wrong, and a solution
+file that imports or calls the project's code for its exercise is refused before it runs."""
 
+import inspect
 import math
 import os
+import re
 import subprocess
 import sys
 from collections import Counter
@@ -424,6 +427,35 @@ def _club_keeps_unknown(logits, labels, negatives="off_diagonal"):
     return club(logits, labels.clamp(min=0), negatives)  # -1 silently read as class 0
 
 
+def _club_over_n_squared(logits, labels, negatives="off_diagonal"):
+    keep = labels >= 0
+    n = int(keep.sum())
+    if n < 2:
+        return logits.sum() * 0.0
+    mat = F.log_softmax(logits[keep], -1)[:, labels[keep]]
+    off = mat.sum() - (mat.diagonal().sum() if negatives == "off_diagonal" else 0.0)
+    return mat.diagonal().mean() - off / (n * n)  # the N(N-1) pairs i != j divided by N^2
+
+
+def _club_negative_index(logits, labels, negatives="off_diagonal"):
+    n = len(labels)
+    mat = F.log_softmax(logits, -1)[:, labels]  # label -1 indexes the last column: unknown read as class K-1
+    off = mat.sum() - (mat.diagonal().sum() if negatives == "off_diagonal" else 0.0)
+    return mat.diagonal().mean() - off / (n * (n - 1) if negatives == "off_diagonal" else n * n)
+
+
+# the check's message for each CLUB mistake (a regex)
+CLUB_MESSAGES = {
+    "diagonal": r"mean over the pairs i != j, their sum divided by N\(N-1\); yours divides the sum over all pairs "
+                r"i, j \(the diagonal i = j included\) by N\^2",
+    "N^2": r"mean over the pairs i != j, their sum divided by N\(N-1\); yours divides the sum over the pairs "
+           r"i != j by N\^2",
+    "-1 as 0": r"label -1 means unknown: leave those samples out of every pair; yours reads -1 as class 0",
+    "-1 as K-1": r"yours reads -1 as class K-1 = 2",
+    "q": r"log_mat\[i, j\] is the log-probability log q\(a_j \| h_i\) \(log_softmax\), not the probability q",
+}
+
+
 def _club_probabilities(logits, labels, negatives="off_diagonal"):
     keep = labels >= 0
     n = int(keep.sum())
@@ -502,9 +534,12 @@ WRONG = [
     ("pooling", "mid = n_layers // 2", dict(pool_hidden=_pool_mid_by_layer_count), "int\\(0.5"),
     ("pooling", "mean over every token, padding included", dict(pool_hidden=_pool_unmasked), "masked mean"),
     ("pooling", "returned in bfloat16", dict(pool_hidden=_pool_in_input_dtype), "float32"),
-    ("club", "negatives include the diagonal", dict(club=_club_with_diagonal), "pairs i != j"),
-    ("club", "unknown labels (-1) not left out", dict(club=_club_keeps_unknown), "label -1"),
-    ("club", "probabilities q instead of log q", dict(club=_club_probabilities), "log q"),
+    ("club", "negatives include the diagonal", dict(club=_club_with_diagonal), CLUB_MESSAGES["diagonal"]),
+    ("club", "negatives over N^2 instead of N(N-1)", dict(club=_club_over_n_squared), CLUB_MESSAGES["N^2"]),
+    ("club", "unknown labels (-1) read as class 0", dict(club=_club_keeps_unknown), CLUB_MESSAGES["-1 as 0"]),
+    ("club", "unknown labels (-1) read as the last class", dict(club=_club_negative_index),
+     CLUB_MESSAGES["-1 as K-1"]),
+    ("club", "probabilities q instead of log q", dict(club=_club_probabilities), CLUB_MESSAGES["q"]),
     ("alternating_step", "L_DAC reaches the backbone (no stop-gradient)",
      dict(alternating_step=lambda *a: alternating_step(*a, detach=False)), "sg\\(h\\)"),
     ("alternating_step", "phi not frozen in L_DIM",
@@ -542,7 +577,7 @@ def test_from_scratch_solution_passes(name):
 @pytest.mark.parametrize("name", list(EXERCISES))
 def test_template_fails(name):
     with pytest.raises(ExerciseFailed, match="not written yet"):
-        check.run(name, check.load_solution(TEMPLATES / f"{name}.py"))
+        check.run(name, check.load_solution(TEMPLATES / f"{name}.py", name))
 
 
 class _EmptyCache:
@@ -595,3 +630,82 @@ def test_exercises_md_gives_each_check_command():
     text = (ROOT / "EXERCISES.md").read_text()
     for name in EXERCISES:
         assert f"python exercises/check.py {name} " in text, name
+
+
+@pytest.mark.parametrize("mistake, wrong", [("diagonal", _club_with_diagonal), ("N^2", _club_over_n_squared),
+                                            ("-1 as 0", _club_keeps_unknown), ("-1 as K-1", _club_negative_index),
+                                            ("q", _club_probabilities)])
+def test_club_names_one_mistake_in_one_message(mistake, wrong):
+    with pytest.raises(ExerciseFailed) as e:
+        check.run("club", solution("club", club=wrong))
+    bullets = [line for line in str(e.value).splitlines() if line.startswith("  - ")]
+    assert len(bullets) == 1 and re.search(CLUB_MESSAGES[mistake], bullets[0]), str(e.value)
+
+
+def test_club_names_two_mistakes_in_two_messages():
+    with pytest.raises(ExerciseFailed) as e:
+        check.run("club", solution("club", club=lambda x, y, n="off_diagonal":
+                                   _club_probabilities(x, y.clamp(min=0), n)))  # -1 read as 0, and q for log q
+    bullets = [line for line in str(e.value).splitlines() if line.startswith("  - ")]
+    assert len(bullets) == 2, str(e.value)
+    assert re.search(CLUB_MESSAGES["-1 as 0"], bullets[0]) and re.search(CLUB_MESSAGES["q"], bullets[1]), str(e.value)
+
+
+# -----------------------------------------------------------------------------
+# a solution file that uses the code it is checked against is refused, naming the line
+
+
+CHEATS = [  # (exercise, the file's body, what the refusal must name)
+    ("alternating_step", "def alternating_step(reg, h, attrs, dac_optimizer):\n"
+                         "    return reg.alternating_step(h, attrs, dac_optimizer)[0]\n",
+     "line 2: uses reg.alternating_step"),
+    ("alternating_step", "def alternating_step(reg, h, attrs, dac_optimizer):\n"
+                         "    return reg(h, attrs, dac_optimizer)[0]\n", "line 2: calls reg(...)"),
+    ("alternating_step", "from fairness import club, FairnessRegularizer\n",
+     "line 1: imports fairness.FairnessRegularizer"),
+    ("alternating_step", "def alternating_step(reg, h, attrs, dac_optimizer):\n"
+                         "    logits = reg.frozen_logits(h)\n", "line 2: uses reg.frozen_logits"),
+    ("club", "from exercises.reference import club\n", "line 1: imports exercises.reference.club"),
+    ("club", "from exercises import reference\nclub = reference.club\n", "line 1: imports exercises.reference"),
+    ("club", "import fairness\n\n\ndef club(logits, labels, negatives='off_diagonal'):\n"
+             "    return fairness.club(logits, labels, negatives)\n", "line 1: imports fairness"),
+    ("club", "import importlib\nclub = importlib.import_module('fairness').club\n",
+     "line 2: imports fairness (through importlib.import_module)"),
+    ("es_metric", "from metrics import es_metric as mine\n", "line 1: imports metrics.es_metric"),
+    ("rope", "import reference\n", "line 1: imports reference"),
+    ("gqa_attention", "import model as m\nattention = m.Attention\n", "line 2: uses m.Attention (model.Attention)"),
+    ("gqa_attention", "import torch.nn.functional as F\ny = F.scaled_dot_product_attention\n",
+     "line 2: uses F.scaled_dot_product_attention"),
+    ("patch_embed", "from torch.nn.functional import conv2d\n", "line 1: imports torch.nn.functional.conv2d"),
+    ("lora", "from lora import LoRALinear\n", "line 1: imports lora.LoRALinear"),
+    ("kv_cache", "import generate\nKVCache = generate.KVCache\n", "line 1: imports generate"),
+    ("bleu", "import sacrebleu\n", "line 1: imports sacrebleu"),
+]
+
+
+@pytest.mark.parametrize("name, body, named", CHEATS, ids=[c[2] for c in CHEATS])
+def test_a_solution_using_the_projects_code_is_refused(tmp_path, capsys, name, body, named):
+    path = tmp_path / f"{name}.py"
+    path.write_text(body + "raise SystemExit('the file ran: it must be refused before it runs')\n")
+    assert check.main([name, str(path)]) == 1
+    out = capsys.readouterr().out
+    assert f"FAIL  {name}: {path} uses code that does this exercise for you:\n" in out, out
+    assert f"\n  {named}\n" in out, out
+    assert "Write it yourself. From the project, this exercise allows" in out, out
+
+
+# the from-scratch solutions above as a student's file: the allowed imports, then their source
+FILE_HEADER = "import math\nfrom collections import Counter\n\nimport torch\nimport torch.nn.functional as F\n"
+FILE_IMPORTS = {"gqa_attention": "from model import apply_rope\n", "bleu": "from metrics import tokenize_13a\n",
+                "alternating_step": "from fairness import dac_loss, dim_penalty\n"}
+FILE_HELPERS = {"bleu": (_bleu_counts, _bleu_score), "alternating_step": (club,)}
+
+
+@pytest.mark.parametrize("name", list(EXERCISES))
+def test_a_correct_solution_file_passes_the_screen_and_the_check(tmp_path, capsys, name):
+    parts = [*FILE_HELPERS.get(name, ()), *SOLUTIONS[name].values()]
+    source = FILE_HEADER + FILE_IMPORTS.get(name, "") + "\n\n" + "\n\n".join(inspect.getsource(p) for p in parts)
+    path = tmp_path / f"{name}.py"
+    path.write_text(source)
+    assert check.main([name, str(path)]) == 0, capsys.readouterr().out
+    assert check.forbidden_uses(name, (TEMPLATES / f"{name}.py").read_text()) == []  # the template's imports

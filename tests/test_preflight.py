@@ -176,7 +176,26 @@ def test_planted_problem_is_one_line(env, tmp_path, capsys, kind):
     code, table, err = run(train.main, argv, capsys)
     assert code == 2, table
     assert len(err) == 1, err  # one problem, one line
-    assert err[0].startswith("train.py: preflight: " + expected.format(t=tmp_path, env=env)), (err[0], table)
+    expected = expected.format(t=tmp_path, env=env)
+    assert err[0].startswith("train.py: preflight: " + expected), (err[0], table)
+    # printed once: the table's row says where the problem is, not the problem again
+    row, detail = expected.split(": ", 1)
+    assert detail not in table and any(line.startswith(row) and line.split()[-3:] == ["problem", "(on", "stderr)"]
+                                       for line in table.splitlines()), table
+
+
+def test_a_hub_id_not_in_the_cache_says_what_to_run(env, tmp_path, capsys):
+    """huggingface_hub's own advice (pass local_files_only=False) is no flag of ours."""
+    pytest.importorskip("huggingface_hub")
+    repo = "preflight-test/not-downloaded"
+    code, table, err = run(train.main, train_argv(env, tmp_path / "out", llm=repo), capsys)
+    assert code == 2 and len(err) == 1, err
+    assert err[0].startswith(f"train.py: preflight: path --llm: {repo}: not a local path, and not (completely) in "
+                             "the local hub cache; the preflight never downloads. Download it first: python3 -c "
+                             f"\"from huggingface_hub import snapshot_download; snapshot_download('{repo}', "
+                             "allow_patterns=['*.json', '*.safetensors', '*.bin', 'tokenizer*'])\"; or pass a local "
+                             "folder instead of the id"), err[0]
+    assert "local_files_only" not in err[0] + table
 
 
 @pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="root writes to read-only folders")

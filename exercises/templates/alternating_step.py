@@ -6,7 +6,10 @@ fairness.py's docstring, `dac_loss`, `FairnessRegularizer.dac_loss`, `frozen_log
 tests/test_fairness.py (the stop-gradient tests).
 Write: `alternating_step` below. You may use reg.dac (phi: a dict of heads, one per attribute),
 reg.cfg (attributes, lambdas, dac_weight, negatives, smooth_abs, smooth_eps) and the pure functions
-fairness.dac_loss / club / dim_penalty (or your own club from exercise 13); not reg's own methods.
+fairness.dac_loss / club / dim_penalty (or your own club from exercise 13). Not reg's own methods
+(reg.dac_loss, reg.frozen_logits, reg.dim_loss, reg.alternating_step, reg(...), ...): they do the
+step, stop-gradients included, and the check refuses them. Read frozen_logits for one way to freeze
+phi, then write the freeze yourself.
 Check: python exercises/check.py alternating_step path/to/your/alternating_step.py
 """
 

@@ -14,12 +14,13 @@ import torch.nn.functional as F
 
 def club(logits, labels, negatives="off_diagonal"):
     """
-    logits (B, K) = phi(h), so q(a | h_i) = softmax(logits_i); labels (B,) with -1 = unknown, left out.
-    Over the N known samples, with log_mat[i, j] = log q(a_j | h_i):
-        positive = (1/N) sum_i log_mat[i, i]
-        negative = 1/(N(N-1)) sum_{i != j} log_mat[i, j]     negatives="off_diagonal" (official code)
-                 = (1/N^2)    sum_{i, j}  log_mat[i, j]      negatives="all" (original CLUB)
+    logits (B, K) = phi(h), so q(a | h_i) = softmax(logits_i); labels (B,) with -1 = unknown.
+    Over the N samples with a known label, with log_mat[i, j] = log q(a_j | h_i):
+        positive = the mean of log_mat[i, i] over the positive pairs, i = 1..N
+        negative = the mean of log_mat[i, j] over the negative pairs:
+                   every pair with i != j             negatives="off_diagonal" (official code)
+                   every pair i, j, i = j included    negatives="all" (original CLUB)
         CLUB = positive - negative
-    Fewer than 2 known samples: return 0 (as a tensor).
+    A sample with label -1 is in no pair. Fewer than 2 known samples: return 0 (as a tensor).
     """
     raise NotImplementedError("write club")

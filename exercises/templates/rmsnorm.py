@@ -2,7 +2,7 @@
 
 Read: model.py `RMSNorm` (and why it upcasts); Zhang & Sennrich 2019, "Root Mean Square Layer
 Normalization"; tests/test_model.py, which checks our Llama against HF transformers.
-Write: `rmsnorm` below.
+Write: `rmsnorm` below, with tensor operations (not torch's own F.rms_norm or nn.RMSNorm).
 Check: python exercises/check.py rmsnorm path/to/your/rmsnorm.py
 """
 
