@@ -18,7 +18,7 @@ The synthetic chest X-ray benchmark of the demo (real MIMIC-CXR needs credential
 synthetic.py and writes this same MIMIC JSON format.
 
     python data.py --check runs/demo/data/train.json --dataset mimic   # validate, print group counts
-    python data.py --check train.json --decode     # also decode every image (finds truncated files)
+    python data.py --check train.json --decode --image-root mimic-cxr-jpg/   # also decode every image
     python data.py --convert ham HAM10000_metadata.csv ham.json        # metadata CSV -> LLaVA JSON
 """
 
@@ -915,6 +915,9 @@ def main(argv=None):
     ap.add_argument("--check", metavar="JSON", help="validate a LLaVA JSON file and print its group counts")
     ap.add_argument("--dataset", default="mimic", choices=sorted(DATASETS), help="format of --check JSON")
     ap.add_argument("--skip-bad", action="store_true", help="--check: skip and count bad items instead of failing")
+    ap.add_argument("--image-root", default=None,
+                    help="--check: folder the JSON's image paths are relative to, as train.py's --image-root "
+                         "(default: the JSON's folder)")
     ap.add_argument("--decode", action="store_true",
                     help="--check: decode every image fully (slower); without it only the image header is read, "
                          "so a truncated or corrupt file passes --check and fails when training reaches it")
@@ -926,12 +929,14 @@ def main(argv=None):
         ap.error("nothing to do: give --check or --convert (the synthetic benchmark: python synthetic.py)")
     if args.decode and not args.check:
         ap.error("--decode goes with --check")
+    if args.image_root and not args.check:
+        ap.error("--image-root goes with --check")
     converters = dict(mimic=mimic_csv_to_json, padchest=padchest_csv_to_json, ham=ham_csv_to_json)
     if args.convert and args.convert[0] not in converters:
         ap.error(f"--convert: unknown dataset {args.convert[0]!r}; choose from {sorted(converters)}")
     try:  # a bad file is one line naming it, not a traceback
         if args.check:
-            _print_groups("check", read_llava_json(args.check, args.dataset, decode_images=args.decode,
+            _print_groups("check", read_llava_json(args.check, args.dataset, args.image_root, decode_images=args.decode,
                                                    on_error="skip" if args.skip_bad else "raise"))
         if args.convert:
             dataset, csv_path, out_path = args.convert
