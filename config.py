@@ -24,6 +24,9 @@ METHODS = ("lora", "resample", "reweight", "fairllava")
 DTYPES = ("bf16", "fp32")
 
 
+REPORT_TO = ("none", "tensorboard")  # where the logged numbers also go; log.jsonl is always written
+
+
 def _f(default, help, **kw):
     """A config field with its --help text beside it."""
     if isinstance(default, (tuple, dict, list)) or callable(default):
@@ -73,6 +76,8 @@ class TrainConfig:
                               "may change: see RESUMABLE in train_io.py)")
     save_every: int = _f(500, "checkpoint every N steps")
     log_every: int = _f(10, "progress every N steps")
+    report_to: str = _f("none", "tensorboard: also write the numbers of log.jsonl and monitor.jsonl as "
+                                "TensorBoard events in --out/tensorboard/ (rank 0; needs pip install tensorboard)")
     max_bad_steps: int = _f(10, "stop after N non-finite losses in a row")
     monitor_json: str = _f("", "held-out JSON: every --monitor-every steps, log a fresh probe's accuracy, phi's "
                                "accuracy, CLUB and the spread of h on it (monitor.jsonl)")
@@ -87,6 +92,8 @@ class TrainConfig:
             raise ValueError(f"--method must be one of {METHODS}, got {self.method!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"--dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.report_to not in REPORT_TO:
+            raise ValueError(f"--report-to must be one of {REPORT_TO}, got {self.report_to!r}")
         if self.dataset not in data.DATASETS:
             raise ValueError(f"--dataset must be one of {sorted(data.DATASETS)}, got {self.dataset!r}")
         if self.stage not in (1, 2):
@@ -134,7 +141,7 @@ GROUPS = {
                      "num_workers"),
     "LoRA": ("lora",),
     "fairness (FairLLaVA's regulariser)": ("fair",),
-    "run and checkpoint": ("out", "resume", "save_every", "log_every", "max_bad_steps", "monitor_json",
+    "run and checkpoint": ("out", "resume", "save_every", "log_every", "report_to", "max_bad_steps", "monitor_json",
                            "monitor_every", "monitor_n"),
     "debug": ("overfit_one_batch", "stop_after", "dump_grads"),
 }
@@ -142,7 +149,7 @@ GROUP_OF = {name: title for title, names in GROUPS.items() for name in names}
 
 # Flags that take one of a fixed set of names (argparse lists them in --help and refuses others).
 CHOICES = {"stage": (1, 2), "dataset": tuple(sorted(data.DATASETS)), "method": METHODS, "dtype": DTYPES,
-           "balance_on": tuple(data.ATTRIBUTES), "fair.attributes": tuple(data.ATTRIBUTES),
+           "report_to": REPORT_TO, "balance_on": tuple(data.ATTRIBUTES), "fair.attributes": tuple(data.ATTRIBUTES),
            "fair.tokens": TOKEN_CHOICES, "fair.pool": POOL_CHOICES, "fair.negatives": NEGATIVE_CHOICES,
            "fair.protocol": PROTOCOLS, "fair.h_norm": H_NORMS, "fair.dac_init": DAC_INITS}
 

@@ -378,7 +378,8 @@ def contents(*paths):
 def run_key(tcfg):
     """A training unit's key: its settings and the content of what it reads (the base models, the
     data and, for stage 2, stage 1's projector: a retrained stage 1 means a new stage 2)."""
-    return {**asdict(tcfg), "inputs": contents(*dict.fromkeys(p for p in run_inputs(tcfg).values() if p))}
+    settings = {k: v for k, v in asdict(tcfg).items() if k != "report_to"}  # where logs also go: not what is trained
+    return {**settings, "inputs": contents(*dict.fromkeys(p for p in run_inputs(tcfg).values() if p))}
 
 
 def run_unit(tcfg, name, overwrite):

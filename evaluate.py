@@ -13,7 +13,9 @@ names the groups, and lays the numbers out.
 Four parts:
 1. `generate_predictions`: batched greedy decoding with the KV cache, one JSONL line per report,
    flushed as it goes, so a killed run picks up where it stopped; `claim_predictions` keys the file
-   on what made it (predictions_key.json), so a run resumes only its own predictions.
+   on what made it (predictions_key.json), so a run resumes only its own predictions. Under
+   torchrun each process generates its share of the test set into its own file and rank 0 merges
+   them (`claim_shard`, `merge_shards`).
 2. `score`: overall and per-group numbers with bootstrap intervals, for predictions from this
    model or from any other system (the official code's outputs included), matched by id.
 3. `attribute_probe`: a fresh linear probe on the pooled hidden state h (fairness.py pooling):
@@ -25,6 +27,8 @@ Four parts:
     # a model: base LLM + vision tower + projector (+ a PEFT LoRA adapter, merged for speed)
     python evaluate.py --llm vicuna-7b-v1.5 --vision BiomedCLIP --projector run/mm_projector.bin \\
         --adapter run/adapter --test-json test.json --out eval/fairllava
+    # the same on 8 GPUs: each process generates its share of the test set, rank 0 merges and scores
+    torchrun --nproc_per_node=8 evaluate.py --llm vicuna-7b-v1.5 ... --out eval/fairllava
     # any system's predictions (JSONL with "id" and "prediction"), no model needed
     python evaluate.py --predictions preds.jsonl --test-json test.json --out eval/other
 
@@ -44,10 +48,12 @@ import os
 import sys
 import time
 from collections import Counter
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from tqdm import tqdm
 
 import metrics
@@ -58,6 +64,7 @@ from data import (ATTRIBUTES, DATASETS, UNKNOWN, HelpFormatter, ImageProcessor, 
 from fairness import FairnessConfig, fit_linear_probe, pool_hidden, token_mask
 from lora import load_peft_adapter, merge_lora
 from checkpoint import load_llava, read_llama_config, resolve_path, weight_files
+from ddp import Dist, setup_distributed
 from generate import generate
 from preflight import Preflight, check_tokenizer, preflight_model, preflight_out, preflight_paths, preflight_records
 
@@ -601,12 +608,13 @@ def _differences(old, new):
 RESULT_FILES = ("results.json", "results.md", "groups.png")  # written over only while they are evaluate.py's (outputs.py)
 
 
-def claim_predictions(out_dir, key, overwrite=False):
-    """Make out_dir/predictions.jsonl safe to resume: its key (predictions_key.json, written before
-    the first prediction) must equal `key`, else the run is refused. overwrite=True removes the
-    old predictions and results and starts afresh. Returns the predictions file's path."""
+def claim_predictions(out_dir, key, overwrite=False, name="predictions"):
+    """Make out_dir/NAME.jsonl safe to resume: its key (NAME_key.json, written before the first
+    prediction) must equal `key`, else the run is refused. overwrite=True removes the old
+    predictions and results and starts afresh. Returns the predictions file's path. NAME is
+    "predictions", or a rank's own file under torchrun (shard_name)."""
     out_dir = Path(out_dir)
-    preds, key_file = out_dir / "predictions.jsonl", out_dir / "predictions_key.json"
+    preds, key_file = out_dir / f"{name}.jsonl", out_dir / f"{name}_key.json"
     fresh = "pass a new --out, or --overwrite to start afresh"
     if overwrite:  # only what evaluate.py can prove it wrote: predictions under its key, its own results
         if preds.exists() and not key_file.is_file():
@@ -633,6 +641,83 @@ def claim_predictions(out_dir, key, overwrite=False):
     tmp.write_text(json.dumps(key, indent=1))
     os.replace(tmp, key_file)  # a kill leaves the old key or the new one, never half of one
     return preds
+
+
+# ----------------------------------------------------------------------------------------------
+# Under torchrun: each rank generates its share of the test set into its own file; rank 0 merges
+
+# How long a rank that has finished its share waits for the slowest one (torch's default is 10
+# minutes on GPUs, less than an uneven resume can take). A rank that dies ends the job through
+# torchrun, not through this timeout.
+RANK_WAIT = timedelta(hours=24)
+
+
+def wait_for_ranks(d, stage):
+    """dist.barrier. A rank that stops (a refusal, a crash) prints its own error; the ranks waiting
+    for it then end with one line saying so, not with a traceback each."""
+    try:
+        dist.barrier()
+    except RuntimeError:  # gloo / nccl: the stopped rank's connection closed
+        raise ValueError(f"rank {d.rank} of {d.world}: another rank stopped {stage}; its error says why") from None
+
+
+def shard_name(rank, world):
+    """The name of a rank's predictions file (and, + "_key", of its key). The world size is part of
+    it: a run with another number of processes never reads or appends to these files."""
+    return f"predictions.rank{rank}of{world}"
+
+
+def _shard_files(out_dir):
+    """The ranks' predictions files in out_dir that are provably evaluate.py's (their key beside
+    them), whatever the world size, with their key files."""
+    keys = Path(out_dir).glob("predictions.rank*of*_key.json")
+    return [f for k in keys for f in (k, k.with_name(k.name.removesuffix("_key.json") + ".jsonl")) if f.exists()]
+
+
+def claim_shard(out_dir, key, overwrite, d):
+    """Make a rank's predictions file safe to resume -> (its path, the ids predictions.jsonl already
+    holds, which no rank generates again). Rank 0 first claims predictions.jsonl exactly as one
+    process would (same key, same refusals; --overwrite also clears the ranks' files of earlier
+    runs); then each rank claims its own file under the key plus its rank and world size."""
+    merged = Path(out_dir) / "predictions.jsonl"
+    if d.master:
+        if overwrite:
+            for f in _shard_files(out_dir):
+                f.unlink()
+        claim_predictions(out_dir, key, overwrite)
+        _resume(merged)  # cuts a line torn by a killed one-process run, before the other ranks read the file
+    wait_for_ranks(d, "before generating")  # predictions.jsonl is claimed (or cleared) before any rank reads it
+    done = set(_resume(merged))
+    own = claim_predictions(out_dir, {**key, "shard": f"rank {d.rank} of {d.world}"}, name=shard_name(d.rank, d.world))
+    return own, done
+
+
+def merge_shards(out_dir, records, world):
+    """Rank 0, once every rank has finished its share: predictions.jsonl gets the prediction of every
+    record, in the order of the test set (after them, the lines of other ids it held, as they were),
+    written whole and renamed into place; then the ranks' files, now held in it, are removed.
+    -> the predictions of `records`, as generate_predictions returns them."""
+    out_dir = Path(out_dir)
+    merged = out_dir / "predictions.jsonl"
+    rows = _resume(merged)
+    shards = [out_dir / f"{shard_name(rank, world)}.jsonl" for rank in range(world)]
+    for path in shards:
+        for item_id, row in _resume(path).items():
+            rows.setdefault(item_id, row)
+    missing = [r["id"] for r in records if r["id"] not in rows]
+    if missing:  # every rank wrote its share before the barrier: only a change to out_dir meanwhile
+        raise ValueError(f"{out_dir}: {len(missing)} test records have no prediction in predictions.jsonl or "
+                         f"{shard_name('*', world)}.jsonl after every rank finished, e.g. {missing[:3]}; "
+                         f"was the folder changed during the run? Run the same command again to generate them")
+    ids = {r["id"] for r in records}
+    lines = [rows[r["id"]] for r in records] + [row for i, row in rows.items() if i not in ids]
+    tmp = merged.with_name(merged.name + ".tmp")
+    tmp.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in lines), encoding="utf-8")
+    os.replace(tmp, merged)  # a kill leaves the old file and every rank's file, never half a merge
+    for path in shards:
+        path.unlink(missing_ok=True)
+        path.with_name(path.stem + "_key.json").unlink(missing_ok=True)
+    return [rows[r["id"]] for r in records]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -716,7 +801,13 @@ test set), in the order of --test-json.
 resuming: a model run writes predictions_key.json (model, adapter, projector and tokenizer paths with a
 fingerprint of their files, --max-new-tokens, --vision-heads, dtype, the test file) beside
 predictions.jsonl and reuses the predictions already there only when the key is the same; otherwise
-it stops and names what differs (--overwrite starts afresh)."""
+it stops and names what differs (--overwrite starts afresh).
+
+torchrun --nproc_per_node=N evaluate.py ...: process r generates the records at positions r, r + N,
+r + 2N, ... (from 0, after --ids and --limit) that predictions.jsonl does not hold yet, into
+predictions.rank<r>of<N>.jsonl (keyed with its rank and N in predictions.rank<r>of<N>_key.json,
+resumed like predictions.jsonl, never read by a run with another N); rank 0 then merges them into
+predictions.jsonl in the order of the test set, removes them, and scores as one process does."""
 
 
 def _int_at_least(low):
@@ -761,7 +852,8 @@ def parse_args(argv=None):
     g_gen.add_argument("--batch-size", type=_int_at_least(1), default=16, help="reports generated per batch")
     g_gen.add_argument("--max-new-tokens", type=_int_at_least(1), default=256,
                        help="generation length limit (official: 256)")
-    g_gen.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
+    g_gen.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                       help="torch device (under torchrun a cuda device is each process's own, cuda:LOCAL_RANK)")
     g_gen.add_argument("--dtype", default="bf16", choices=("bf16", "fp32"), help="weights dtype on GPU (CPU: fp32)")
     g_score.add_argument("--predictions", default=None, help="score this JSONL file instead of running a model (keys below)")
     g_score.add_argument("--attributes", nargs="+", default=None, choices=tuple(ATTRIBUTES),
@@ -796,6 +888,10 @@ def parse_args(argv=None):
         ap.error("give --predictions FILE to score, or a model: --llm and --vision (+ --projector, --adapter)")
     if args.projector and args.random_projector:
         ap.error("--projector and --random-projector exclude each other")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and (args.predictions or args.preflight):
+        # torchrun shares out a model run's generation; scoring a file or checking inputs is one process's work
+        ap.error(f"{'--predictions' if args.predictions else '--preflight'} runs in one process: start it with "
+                 f"python, not torchrun")
     return args
 
 
@@ -904,9 +1000,10 @@ def _score_file(args, records, all_ids):
     return [p for p in predictions if p["id"] in keep or p["id"] not in all_ids]
 
 
-def _load_for_run(args, out, all_records):
-    """Check everything a model run needs, claim out/predictions.jsonl, then load the model:
-    (model, tokenizer, predictions file). Every refusal comes before the slow model load."""
+def _load_for_run(args, out, all_records, d):
+    """Check everything a model run needs, claim out/predictions.jsonl (under torchrun: and this
+    rank's own file), then load the model: (model, tokenizer, the file this process appends to, the
+    ids predictions.jsonl already holds under torchrun). Every refusal comes before the slow model load."""
     dtype = torch.bfloat16 if (args.device.startswith("cuda") and args.dtype == "bf16") else torch.float32
     projector, note = _find_projector(args)
     llm = _resolve("--llm", args.llm, ["*.json", "*.safetensors", "*.bin", "tokenizer*"])
@@ -922,21 +1019,33 @@ def _load_for_run(args, out, all_records):
         raise ValueError(f"--max-new-tokens {args.max_new_tokens}: the model holds {max_positions} positions "
                          f"(max_position_embeddings in {llm / 'config.json'}), prompt included")
     key = predictions_key(args, llm, vision, projector, dtype, all_records)
-    preds_file = claim_predictions(out, key, args.overwrite)
+    if d.world > 1:
+        preds_file, merged = claim_shard(out, key, args.overwrite, d)
+    else:
+        preds_file, merged = claim_predictions(out, key, args.overwrite), set()
     model = load_model(str(llm), str(vision), projector, args.adapter, args.vision_heads, args.device, dtype)
-    if note:  # after the checks and the load, so a refusal stays the only line on stderr
+    if note and d.master:  # after the checks and the load, so a refusal stays the only line on stderr
         print(f"evaluate.py: {note}", file=sys.stderr)
-    return model, tokenizer, preds_file
+    return model, tokenizer, preds_file, merged
 
 
-def _run_model(args, records, attributes, out, all_records):
-    """Generate (or resume) the predictions of `records`; -> (predictions, title, probe or None)."""
+def _run_model(args, records, attributes, out, all_records, d):
+    """Generate (or resume) the predictions of `records`; -> (predictions, title, probe or None).
+    Under torchrun rank r generates records[r::world] (less those predictions.jsonl already holds)
+    into its own file; rank 0 merges them once every rank is done, and returns None elsewhere."""
     check_group_sizes(records, attributes, args.min_group_size)  # before hours of generation, not after
-    model, tokenizer, preds_file = _load_for_run(args, out, all_records)
+    model, tokenizer, preds_file, merged = _load_for_run(args, out, all_records, d)
     vc = model.vision_tower.config
     processor = ImageProcessor(size=vc.image_size, mean=vc.mean, std=vc.std)
-    predictions = generate_predictions(model, tokenizer, records, processor, preds_file,
-                                       args.batch_size, args.max_new_tokens)
+    share = records if d.world == 1 else [r for r in records[d.rank::d.world] if r["id"] not in merged]
+    desc = "generate" if d.world == 1 else f"generate (rank 0's share of {d.world})"  # one bar, rank 0's
+    predictions = generate_predictions(model, tokenizer, share, processor, preds_file, args.batch_size,
+                                       args.max_new_tokens, desc=desc, quiet=not d.master)
+    if d.world > 1:
+        wait_for_ranks(d, "while generating")  # every rank's share is on disk
+        if not d.master:
+            return None
+        predictions = merge_shards(out, records, d.world)
     title = args.title or (Path(args.adapter).parent.name if args.adapter else Path(args.llm).name)
     probe = None
     if args.probe_train_json:
@@ -948,9 +1057,22 @@ def _run_model(args, records, attributes, out, all_records):
 
 
 def main(argv=None):
+    """Evaluate as the flags say -> the results (None on the ranks other than 0 under torchrun)."""
     args = parse_args(argv)
     if args.preflight:
         sys.exit(preflight(args))
+    # under torchrun (a model run: parse_args refuses the others) the process group, as train.py's
+    d = setup_distributed(timeout=RANK_WAIT) if args.predictions is None else Dist()
+    if dist.is_initialized() and args.device.startswith("cuda"):
+        args.device = d.device  # each process its own GPU, cuda:LOCAL_RANK
+    try:
+        return _evaluate(args, d)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _evaluate(args, d):
     t0 = time.time()
     _check_paths(args)
     outputs.check(args.out, RESULT_FILES, "evaluate.py")  # before hours of generation, not after
@@ -965,7 +1087,10 @@ def main(argv=None):
         check_group_sizes(records, attributes, args.min_group_size)
         title = args.title or Path(args.predictions).stem
     else:
-        predictions, title, probe = _run_model(args, records, attributes, out, all_records)
+        ran = _run_model(args, records, attributes, out, all_records, d)
+        if ran is None:  # a rank other than 0 under torchrun: rank 0 merges its share and scores
+            return None
+        predictions, title, probe = ran
     results = score(predictions, records, attributes, args.dataset, args.n_resamples, args.seed,
                     args.min_group_size, args.m_all)
     if probe is not None:

@@ -30,11 +30,14 @@ class Monitor:
         self.path, self.mode, self.file = Path(cfg.out) / "monitor.jsonl", "a" if resume else "w", None
 
     def log(self, step, model, fair):
+        """Measure and write the point of `step` -> the point, as written."""
         if self.file is None:
             self.file = open(self.path, self.mode)
         was_training = model.training
         h = evaluate.pooled_features(model, self.tokenizer, self.processor, self.records, self.fcfg.layer,
                                      self.fcfg.tokens, batch_size=32)
         model.train(was_training)
-        self.file.write(json.dumps({"step": step, **leak_report(h, self.attrs, fair)}) + "\n")
+        point = {"step": step, **leak_report(h, self.attrs, fair)}
+        self.file.write(json.dumps(point) + "\n")
         self.file.flush()
+        return point

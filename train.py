@@ -18,13 +18,12 @@ of four methods:
 What this file holds is the training itself: setup, the loop, and `train_step`, one optimizer step
 of Algorithm 1. Next door: config.py (TrainConfig and the flags), train_io.py (what --out holds,
 the checkpoint --resume continues from exactly), monitor.py (the mechanism on held-out data),
-preflight.py (--preflight, --dry-run).
+preflight.py (--preflight, --dry-run), ddp.py (the torchrun process group).
 """
 
 import contextlib
 import json
 import math
-import os
 import random
 import sys
 from dataclasses import dataclass
@@ -39,42 +38,19 @@ from tqdm import tqdm
 import data
 from config import TrainConfig, parse_args
 from data import load_tokenizer
+from ddp import Dist, setup_distributed
 from fairness import FairnessRegularizer
 from lora import apply_lora, load_peft_adapter, mark_only_lora_as_trainable
 from checkpoint import load_llava, load_projector
 from model import supervised_weight
 from monitor import Monitor
 from preflight import check_tokenizer, check_train_run, dry_run
-from train_io import atomic_save, bad_item_stop, check_out, export, report_text, restore_checkpoint, save_checkpoint, \
-    start_outputs
+from train_io import Board, atomic_save, bad_item_stop, check_out, export, report_text, restore_checkpoint, \
+    save_checkpoint, start_outputs, summary_writer
 
 
 # ----------------------------------------------------------------------------------------------
-# distributed setup (torchrun sets RANK / LOCAL_RANK / WORLD_SIZE)
-
-
-@dataclass
-class Dist:
-    rank: int = 0
-    local_rank: int = 0
-    world: int = 1
-    device: str = "cpu"
-
-    @property
-    def master(self):
-        return self.rank == 0
-
-
-def setup_distributed():
-    if "RANK" not in os.environ:
-        return Dist(device="cuda" if torch.cuda.is_available() else "cpu")
-    rank, local, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local)
-        dist.init_process_group("nccl")
-        return Dist(rank, local, world, f"cuda:{local}")
-    dist.init_process_group("gloo")
-    return Dist(rank, local, world, "cpu")
+# distributed: the process group (ddp.py, shared with evaluate.py) and the collectives training needs
 
 
 def all_reduce_mean_(tensors, d):
@@ -190,7 +166,8 @@ def epoch_batches(cfg, dataset, d, epoch):
 @dataclass
 class Run:
     """What one training run holds: the model (and `net`, the same model wrapped in DDP under
-    torchrun, which the forward goes through), phi and the optimizers, the data, the schedule."""
+    torchrun, which the forward goes through), phi and the optimizers, the data, the schedule, and
+    (rank 0, --report-to tensorboard) the TensorBoard view of the logs."""
     cfg: TrainConfig
     d: Dist
     model: torch.nn.Module
@@ -202,6 +179,7 @@ class Run:
     steps_per_epoch: int
     total: int
     monitor: Monitor | None
+    board: Board | None = None  # opened by train() once --out is ready
 
     @property
     def autocast(self):
@@ -265,6 +243,8 @@ def train(cfg, d=None, quiet=False, progress=None, overwrite=False, strict_text=
     d = d or setup_distributed()
     if not cfg.train_json:
         raise ValueError("--train-json is required (the LLaVA-style training JSON; --dry-run needs none)")
+    if cfg.report_to == "tensorboard":
+        summary_writer()  # a missing package is refused now, not after setup
     ckpt = check_out(cfg, overwrite)  # read-only: --out is not touched until setup has worked
     if d.world > 1:  # every rank has looked at --out before rank 0 writes to it
         dist.barrier()
@@ -272,12 +252,16 @@ def train(cfg, d=None, quiet=False, progress=None, overwrite=False, strict_text=
     step = restore_checkpoint(ckpt, Path(cfg.out) / "checkpoint.pt", run) if ckpt is not None else 0
     if d.master:
         start_outputs(cfg, step, overwrite)
+    if cfg.report_to == "tensorboard" and d.master:
+        run.board = Board(cfg.out, step)
     log = open(Path(cfg.out) / "log.jsonl", "a") if d.master else None
     try:
         finished = train_steps(run, step, log, quiet, progress)
     finally:
         if log is not None:
             log.close()
+        if run.board is not None:
+            run.board.close()
     if finished and d.master:
         export(Path(cfg.out), cfg, run.model)
     if d.world > 1:
@@ -292,7 +276,7 @@ def train_steps(run, step, log, quiet, progress):
     cfg, out = run.cfg, Path(run.cfg.out)
     bar = tqdm(total=run.total, initial=step, disable=not run.d.master or quiet, desc=f"stage {cfg.stage} {cfg.method}")
     if run.monitor is not None and step == 0:
-        run.monitor.log(0, run.model, run.fair)
+        monitor_point(run, 0)
     run.model.train()
     bad_steps, saved = 0, step
     try:
@@ -307,7 +291,7 @@ def train_steps(run, step, log, quiet, progress):
             step += 1
             log_step(run, log, bar, progress, {"step": step, "loss": loss, "lr": lr, "skipped": not stepped, **stats})
             if run.monitor is not None and (step % cfg.monitor_every == 0 or step == run.total):
-                run.monitor.log(step, run.model, run.fair)
+                monitor_point(run, step)
             if step % cfg.save_every == 0 or step == run.total:
                 save_checkpoint(out / "checkpoint.pt", cfg, run.model, run.fair, run.opt, run.dac_opt, step, run.d)
                 saved = step
@@ -396,11 +380,20 @@ def log_step(run, log, bar, progress, rec):
         return
     log.write(json.dumps(rec) + "\n")
     log.flush()
+    if run.board is not None:
+        run.board.write("train", rec)
     bar.update(1)
     if rec["step"] % run.cfg.log_every == 0 or rec["step"] == run.total:
         bar.set_postfix(loss=f"{rec['loss']:.3f}", lr=f"{rec['lr']:.2e}")
         if progress is not None:
             progress(rec["step"], run.total, rec)
+
+
+def monitor_point(run, step):
+    """One point of the held-out monitor: a line of monitor.jsonl (and its scalars on the board)."""
+    point = run.monitor.log(step, run.model, run.fair)
+    if run.board is not None:
+        run.board.write("monitor", point)
 
 
 def micro_batches(run, step):

@@ -3,7 +3,8 @@ the pickle-free checkpoint that --resume continues from exactly, the exports eva
 the held-out monitor of the mechanism (monitor.jsonl).
 
 Outputs in --out: `config.json` (the settings), `mm_projector.bin` (LLaVA key names), `adapter/`
-(PEFT format), `log.jsonl` (one line per optimizer step), `monitor.jsonl` (with --monitor-json) and
+(PEFT format), `log.jsonl` (one line per optimizer step), `monitor.jsonl` (with --monitor-json),
+`tensorboard/` (with --report-to tensorboard: the same numbers as TensorBoard events) and
 `checkpoint.pt` (trainable tensors, phi included + optimizers + step + RNG state, written
 atomically, loadable with weights_only=True). A fresh run needs an empty --out (--overwrite clears
 train.py's files first, and only those; an input of the run inside --out is refused); --resume
@@ -12,6 +13,7 @@ the checkpoint's step, so that after a kill each step is logged once.
 """
 
 import json
+import numbers
 import os
 import random
 import re
@@ -162,12 +164,12 @@ def restore_checkpoint(st, path, run):
 # Settings that may differ on --resume: they decide what is logged and saved, and when, but not the
 # numbers, so the resumed run stays the uninterrupted one. Every other setting is fixed by the
 # checkpoint: --max-steps and --epochs too, as the learning-rate schedule is a function of the total.
-RESUMABLE = ("out", "resume", "save_every", "log_every", "max_bad_steps", "monitor_json", "monitor_every",
-             "monitor_n", "num_workers", "stop_after", "dump_grads")
+RESUMABLE = ("out", "resume", "save_every", "log_every", "report_to", "max_bad_steps", "monitor_json",
+             "monitor_every", "monitor_n", "num_workers", "stop_after", "dump_grads")
 
 
 # What train.py writes in --out (plus NAME.tmp while writing): what --overwrite may delete.
-OUTPUTS = ("config.json", "log.jsonl", "monitor.jsonl", "checkpoint.pt", "mm_projector.bin", "adapter")
+OUTPUTS = ("config.json", "log.jsonl", "monitor.jsonl", "checkpoint.pt", "mm_projector.bin", "adapter", "tensorboard")
 
 
 def check_out(cfg, overwrite):
@@ -302,3 +304,40 @@ def export(out, cfg, model):
     atomic_save(proj, out / "mm_projector.bin")
     if cfg.stage == 2:
         save_peft_adapter(model.llm, out / "adapter", cfg.lora)
+
+
+# ----------------------------------------------------------------------------------------------
+# --report-to tensorboard: the numbers of log.jsonl and monitor.jsonl, also as TensorBoard events
+
+
+def summary_writer():
+    """torch's SummaryWriter class, or a one-line refusal saying what to install: it needs the
+    tensorboard package, which nothing else in the project needs."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise ValueError("--report-to tensorboard needs the tensorboard package, which is not installed: "
+                         "pip install tensorboard (or leave --report-to at none)") from None
+    return SummaryWriter
+
+
+class Board:
+    """--out/tensorboard/ (rank 0 only): each number of a log.jsonl line as the scalar train/NAME,
+    and of a monitor.jsonl point as monitor/NAME, at the line's step. log.jsonl stays the record;
+    this is a view of it."""
+
+    def __init__(self, out, step):
+        # A resumed run (step > 0) hides what the killed run logged after its checkpoint, as
+        # log.jsonl is cut back to it: TensorBoard drops the events from purge_step on. Events are
+        # flushed every 10 s, so the view follows the run (log.jsonl is flushed every step).
+        self.writer = summary_writer()(str(Path(out) / "tensorboard"), purge_step=step + 1 if step else None,
+                                       flush_secs=10)
+
+    def write(self, section, record):
+        for name, value in record.items():
+            # bools count too ("skipped" as 0 / 1); numpy's floats are numbers.Real as well
+            if name != "step" and isinstance(value, numbers.Real):
+                self.writer.add_scalar(f"{section}/{name}", float(value), record["step"])
+
+    def close(self):
+        self.writer.close()

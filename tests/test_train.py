@@ -1,7 +1,7 @@
 """train.py: gradient accumulation and DDP give the gradients of one process on the combined
 batch, --resume continues exactly from a checkpoint that loads with weights_only=True, bad steps,
 crashes and foreign checkpoints are handled, phi follows the main learning-rate schedule, the leak
-monitor leaves training untouched, --dry-run counts."""
+monitor leaves training untouched, --report-to tensorboard mirrors the logs, --dry-run counts."""
 
 import argparse
 import json
@@ -189,6 +189,43 @@ def test_monitor_logs_the_leak_and_leaves_training_untouched(env, tmp_path, monk
     assert graphs == [False] * 4  # h is measured without building an autograd graph
 
 
+def scalars(board, tag):
+    """(step, value) of a scalar in a TensorBoard folder, read back with TensorBoard's own reader."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    acc = EventAccumulator(str(board))
+    acc.Reload()
+    return [(e.step, e.value) for e in acc.Scalars(tag)], acc.Tags()["scalars"]
+
+
+def test_report_to_tensorboard_mirrors_the_logs_across_a_resume(env, tmp_path):
+    kw = dict(method="fairllava", max_steps=4, report_to="tensorboard", monitor_json=str(env / "data" / "val.json"),
+              monitor_every=2, monitor_n=8)
+    part = config(env, tmp_path / "r", save_every=2, stop_after=3, **kw)
+    train.train(part, quiet=True)  # killed after step 3, with the checkpoint of step 2
+    train.train(replace(part, stop_after=0, resume=True), quiet=True)
+    lines = log(tmp_path / "r")
+    points = [json.loads(line) for line in (tmp_path / "r" / "monitor.jsonl").read_text().splitlines()]
+    board = tmp_path / "r" / "tensorboard"
+    assert len(list(board.glob("events.out.tfevents.*"))) == 2  # one file per process that trained
+    # step 3 of the killed run is hidden, as it is cut from log.jsonl: each step once (as float32s)
+    loss, tags = scalars(board, "train/loss")
+    assert [s for s, _ in loss] == [x["step"] for x in lines] == [1, 2, 3, 4]
+    assert [v for _, v in loss] == pytest.approx([x["loss"] for x in lines], rel=1e-6)
+    names = lambda section, record: {f"{section}/{k}" for k in record if k != "step"}
+    assert set(tags) == names("train", lines[0]) | names("monitor", points[0])  # every number of both files
+    probe, _ = scalars(board, "monitor/probe/race")
+    assert probe == [(p["step"], pytest.approx(p["probe/race"], rel=1e-6)) for p in points] and len(probe) == 3
+
+
+def test_report_to_tensorboard_without_the_package_is_refused_up_front(env, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # what an import sees without the package
+    with pytest.raises(SystemExit) as e:
+        train.main(cli.to_argv(config(env, tmp_path / "out", max_steps=1, report_to="tensorboard")))
+    assert e.value.code == ("train.py: error: --report-to tensorboard needs the tensorboard package, which is not "
+                            "installed: pip install tensorboard (or leave --report-to at none)")
+    assert not (tmp_path / "out").exists()  # refused before anything was built or written
+
+
 def test_nonfinite_loss_skips_then_stops(env, tmp_path, monkeypatch):
     real = model_module.LlavaModel.forward
     calls = {"n": 0}
@@ -261,7 +298,7 @@ def test_dry_run_counts(capsys):
     (["--lambdas", "race"], "--lambdas"), (["--max-steps", "-5"], "--max-steps"), (["--stage", "3"], "--stage"),
     (["--batch-size", "0"], "--batch-size"), (["--grad-accum", "0"], "--grad-accum"), (["--epochs", "0"], "--epochs"),
     (["--method", "adversarial"], "--method"), (["--layer", "middle"], "--layer"), (["--h-norm", "z"], "--h-norm"),
-    (["--lr", "nan"], "--lr")])
+    (["--lr", "nan"], "--lr"), (["--report-to", "wandb"], "--report-to")])
 def test_bad_flags_are_one_line_naming_the_flag(argv, flag, capsys):
     with pytest.raises(SystemExit) as e:
         cli.parse_args(argv)
