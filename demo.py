@@ -475,6 +475,12 @@ def _die_with_parent(parent):
     threading.Thread(target=watch, daemon=True).start()
 
 
+def _slow_pid(seconds):
+    """A job that holds its worker for `seconds`: tests use it to reach every worker of a pool."""
+    time.sleep(seconds)
+    return os.getpid()
+
+
 def _pretrain(which, data_dir, out):
     torch.set_num_threads(1)
     (pretrain_llm if which == "llm" else pretrain_vit)(data_dir, out)
@@ -866,9 +872,10 @@ DRAWS, SEEDS = (1, 2), tuple(range(10, 16))  # the study's draws and training se
 CONTROL_SEEDS = (10, 11, 12)  # lambda = 0, the benchmark's controls, the dose-response and the curves
 ARM_SOURCES = {
     "lora": "LLaVA-Rad's stage 2; rate, rank, epochs scaled to a 1M-parameter model (README, \"The demo\")",
-    "fairllava": "the paper's Algorithm 1 (alternating, h raw, mean over image tokens, one phi step per batch, "
-                 "official lambdas); phi's lr = the backbone's, its N(0, 0.02) init and the smooth penalty: "
-                 "official code (the paper gives none of them)",
+    "fairllava": "the paper's Algorithm 1 (alternating, h raw, one phi step per batch, official lambdas, middle "
+                 "layer: its ablation's best; it also says the mean of first, middle and last layers is used in "
+                 "practice, not run here); h pooled as a mean over image tokens (the paper says \"pooled\"); phi's lr "
+                 "= the backbone's, its N(0, 0.02) init and the smooth penalty: official code (the paper gives none)",
     "fairllava_official": "official code: one optimizer step for phi and the backbone at the same lr, one random "
                           "image token per sample L2-normalised, smooth penalty, N(0, 0.02) init (REFERENCE.md)",
     "fairllava_batch": "this project's variant: h standardised over the batch, phi 5 steps per batch at lr 1e-2 on "

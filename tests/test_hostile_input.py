@@ -384,8 +384,10 @@ def test_the_workers_of_a_killed_demo_exit(tmp_path):
               "import os\n"
               "pool = ProcessPoolExecutor(2, mp_context=get_context('spawn'), initializer=demo._die_with_parent,"
               " initargs=(os.getpid(),))\n"
+              # both workers have run their initializer (the watcher) once each has finished a job
+              "assert len({j.result() for j in [pool.submit(demo._slow_pid, 1.0) for _ in range(2)]}) == 2\n"
               "jobs = [pool.submit(time.sleep, 600) for _ in range(2)]\n"
-              "time.sleep(1.5); print('ready', flush=True); time.sleep(600)\n")
+              "time.sleep(0.5); print('ready', flush=True); time.sleep(600)\n")
     before = _worker_pids()
     parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
     assert parent.stdout.readline().strip() == "ready"
