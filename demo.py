@@ -559,10 +559,10 @@ def mean_ci(values):
     return float(v.mean()), float(half)
 
 
-def ci_cell(values, digits=1, sign=False):
+def ci_cell(values, digits=1):
     """"mean ± half" of a 95% t-interval ("mean" alone for one value)."""
     mu, half = mean_ci(values)
-    return f"{mu:{'+' if sign else ''}.{digits}f}" + (f" ± {half:.{digits}f}" if len(values) > 1 else "")
+    return f"{mu:.{digits}f}" + (f" ± {half:.{digits}f}" if len(values) > 1 else "")
 
 
 def summary_of(res):
@@ -583,8 +583,7 @@ BLACK = synthetic.RACE_NAMES[synthetic.SyntheticConfig.disadvantaged_race]
 
 def key_numbers(res):
     """The few numbers that tell the story of one run (the README's table), all 0-100."""
-    find = res["fairness"]["race"][synthetic.FINDING_F1.name]
-    chex = res["fairness"]["race"]["CheXpert-F1 (micro)"]
+    find, chex = race_gap(res), res["fairness"]["race"]["CheXpert-F1 (micro)"]
     others = [g["score"] for name, g in find["groups"].items() if name != BLACK]
     swap = res["swap"]
     n = sum(v["n_cases"] for v in swap.values())
@@ -673,7 +672,7 @@ def paired_rows(results, methods, units, keys=PAIRED_KEYS, against="lora"):
     return rows
 
 
-def paired_bootstrap_rows(root, results, methods, units, n_resamples=1000):
+def paired_bootstrap_rows(root, methods, units, n_resamples=1000):
     """Per run, the change in the race gap in Finding-F1 against LoRA on the same test cases, with
     its 95% paired stratified bootstrap interval (metrics.paired_difference): how much of a run's
     difference the test set resolves, before the spread over training runs."""
@@ -756,7 +755,7 @@ def write_report(cfg, root, results, methods, extra_md="", curves=None):
                "Change in Δ Finding-F1 (race) [95% paired stratified bootstrap interval over the test cases]; "
                "* where it excludes 0.\n",
                markdown_table(["run"] + [LABELS[m] for m in methods if m != "lora"],
-                              paired_bootstrap_rows(root, results, methods, units))]
+                              paired_bootstrap_rows(root, methods, units))]
     if "lora" in methods:
         md += ["\n## The benchmark's checks on LoRA\n", "False-negative / false-positive rate per race, mean over "
                "the runs (shortcut findings: black patients' findings should be missed more, the others' over-called):\n",

@@ -768,10 +768,12 @@ def paired_difference(
         raise ValueError(f"paired_difference: fewer than two groups with at least {min_group_size} samples "
                          f"(sizes {[len(m) for m in members]})")
 
+    every_case = np.arange(len(refs))
+
     def diffs(sample):  # sample: one index array per group; the gap over the kept ones
-        gap = lambda score: max(score(sample[k]) for k in kept) - min(score(sample[k]) for k in kept)
         every = np.concatenate(sample)
-        return gap(score_a) - gap(score_b), score_a(every) - score_b(every)
+        return (_gap_of(score_a, every_case, sample, kept) - _gap_of(score_b, every_case, sample, kept),
+                score_a(every) - score_b(every))
 
     point = diffs(members)
     rng = np.random.default_rng(seed)

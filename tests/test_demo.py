@@ -406,7 +406,7 @@ def test_paired_bootstrap_rows_read_each_runs_predictions(tmp_path):
         (tmp_path / "draw1" / "seed0" / m / "eval").mkdir(parents=True)
         (tmp_path / "draw1" / "seed0" / m / "eval" / "predictions_test.jsonl").write_text("".join(
             json.dumps({"id": it["id"], "prediction": text(it)}) + "\n" for it in items))
-    [[name, cell]] = demo.paired_bootstrap_rows(tmp_path, {}, ["lora", "fairllava"], [(1, 0)], n_resamples=50)
+    [[name, cell]] = demo.paired_bootstrap_rows(tmp_path, ["lora", "fairllava"], [(1, 0)], n_resamples=50)
     assert name == "draw 1, seed 0" and cell.startswith("+100.0 [") and cell.endswith("*")
 
 
