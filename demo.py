@@ -784,23 +784,34 @@ def _color(k):
     return evaluate.COLORS[k] if k < len(evaluate.COLORS) else ((214, 39, 40), (148, 103, 189), (120, 120, 120))[min(k - 3, 2)]
 
 
-def draw_lines(panels, path, title, xlabel, xticks=None):
+def draw_lines(panels, path, title, xlabel, xticks=None, colors=None, hollow=()):
     """A grid of line charts with Pillow: panels = [(panel title, {series: [(x, y) or (x, y, lo, hi)]})].
     A point with (lo, hi) gets a band (lines) or an error bar (xticks given: a categorical axis,
-    xticks = [(x, label)], evenly spaced)."""
+    xticks = [(x, label)], evenly spaced). colors: {series: rgb} (default: in legend order); series
+    in hollow get open markers. The y axis runs between round values and includes 0."""
     from PIL import Image, ImageDraw
-    cols, pw, ph, top = 3, 420, 300, 70
+    cols, pw, ph = 3, 420, 300
+    names = list(dict.fromkeys(n for _, series in panels for n in series))
+    colors = {n: (colors or {}).get(n, _color(k)) for k, n in enumerate(names)}
+    font, small = evaluate._font(15), evaluate._font(12)
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    legend, x, y = [], 15, 42  # the legend wraps onto more lines when it is wider than the image
+    for n in names:
+        w = 22 + measure.textlength(n, font=font)
+        if x > 15 and x + w > cols * pw - 15:
+            x, y = 15, y + 22
+        legend.append((n, x, y))
+        x += w + 24
+    top = y + 28
     rows = math.ceil(len(panels) / cols)
     img = Image.new("RGB", (cols * pw, top + rows * ph), "white")
     d = ImageDraw.Draw(img, "RGBA")
-    font, small = evaluate._font(15), evaluate._font(12)
     d.text((15, 10), title, fill="black", font=evaluate._font(17))
-    names = list(dict.fromkeys(n for _, series in panels for n in series))
-    x = 15
-    for k, n in enumerate(names):
-        d.rectangle([x, 42, x + 16, 56], fill=_color(k))
-        d.text((x + 22, 41), n, fill="black", font=font)
-        x += 22 + d.textlength(n, font=font) + 24
+    for n, x, y in legend:
+        d.rectangle([x, y, x + 16, y + 14], fill=colors[n], outline=colors[n], width=2)
+        if n in hollow:
+            d.rectangle([x + 3, y + 3, x + 13, y + 11], fill="white")
+        d.text((x + 22, y - 1), n, fill="black", font=font)
     for i, (name, series) in enumerate(panels):
         x0, y0 = (i % cols) * pw + 55, top + (i // cols) * ph + 30
         x1, y1 = x0 + pw - 75, y0 + ph - 75
@@ -809,31 +820,37 @@ def draw_lines(panels, path, title, xlabel, xticks=None):
             continue
         xs = [p[0] for p in pts] + [t for t, _ in xticks or ()]
         ys = [v for p in pts for v in p[1:] if v == v]
-        lo, hi = min(ys + [0.0]), max(ys)
-        hi = hi if hi > lo else lo + 1
+        step = evaluate.round_step(max(max(ys + [0.0]) - min(ys + [0.0]), 1e-9))
+        lo = step * math.floor(min(ys + [0.0]) / step + 1e-9)
+        hi = step * math.ceil(max(ys + [0.0]) / step - 1e-9)
+        hi = hi if hi > lo else lo + step
         pad = 0.3 if xticks else 0.0  # error bars at the ends stay inside the frame
         xmin, xmax = min(xs) - pad, (max(xs) if max(xs) > min(xs) else min(xs) + 1) + pad
         to = lambda x, y: (x0 + (x1 - x0) * (x - xmin) / (xmax - xmin), y1 - (y1 - y0) * (y - lo) / (hi - lo))
         d.text((x0, y0 - 24), name, fill="black", font=font)
+        for t in range(round((hi - lo) / step) + 1):  # grid and labels at round values
+            v = lo + t * step
+            d.line([x0, to(xmin, v)[1], x1, to(xmin, v)[1]], fill=(235, 235, 235))
+            d.text((x0 - 5, to(xmin, v)[1]), f"{round(v, 9):g}", fill="black", font=small, anchor="rm")
         d.rectangle([x0, y0, x1, y1], outline=(180, 180, 180))
-        for t in range(5):
-            v = lo + (hi - lo) * t / 4
-            d.text((x0 - 5, to(xmin, v)[1]), f"{v:.3g}", fill="black", font=small, anchor="rm")
-        for t, label in xticks or [(xmin, f"{xmin:g}"), (xmax, f"{xmax:g}")]:
+        xstep = evaluate.round_step(xmax - xmin)
+        for t, label in xticks or [(v, f"{v:g}") for k in range(math.ceil(xmin / xstep - 1e-9), math.floor(xmax / xstep + 1e-9) + 1)
+                                   for v in [round(k * xstep, 9)]]:
             d.text((to(t, lo)[0], y1 + 8), label, fill="black", font=small, anchor="ma")
         d.text(((x0 + x1) / 2, y1 + 26), xlabel, fill=(90, 90, 90), font=small, anchor="ma")
-        for k, n in enumerate(names):
+        for n in names:
             pts = [p for p in series.get(n, []) if p[1] == p[1]]
             if not pts:
                 continue
-            color = _color(k)
+            color = colors[n]
             if len(pts[0]) == 4 and not xticks and len(pts) > 1:  # band
                 d.polygon([to(p[0], p[3]) for p in pts] + [to(p[0], p[2]) for p in reversed(pts)], fill=color + (50,))
             line = [to(p[0], p[1]) for p in pts]
             if len(line) > 1:
                 d.line(line, fill=color, width=2)
             for p, q in zip(pts, line):
-                d.ellipse([q[0] - 2.5, q[1] - 2.5, q[0] + 2.5, q[1] + 2.5], fill=color)
+                d.ellipse([q[0] - 3, q[1] - 3, q[0] + 3, q[1] + 3], fill="white" if n in hollow else color,
+                          outline=color, width=2)
                 if len(p) == 4 and xticks:
                     a, b = to(p[0], p[2]), to(p[0], p[3])
                     d.line([a, b], fill=color, width=2)
@@ -849,7 +866,7 @@ def _band(runs, key, fn=lambda v: v):
     return [(t, float(np.mean(v)), min(v), max(v)) for t in steps for v in [[p[t] for p in per]]]
 
 
-def draw_curves(monitors, path, title):
+def draw_curves(monitors, path, title, colors=None, hollow=()):
     """{series: [monitor.jsonl of each run]} -> curves.png: a fresh probe, phi's accuracy per
     attribute, CLUB(race) and the spread of h, over stage-2 steps (mean and range over the runs)."""
     logs = {n: [[json.loads(line) for line in Path(p).read_text().splitlines()] for p in ps if Path(p).is_file()]
@@ -860,8 +877,8 @@ def draw_curves(monitors, path, title):
     panels += [(f"phi's accuracy: {a}", {n: _band(L, f"dac_acc/{a}") for n, L in logs.items()})
                for a in ("race", "age", "gender")]
     panels += [("CLUB(race) with the current phi", {n: _band(L, "club/race") for n, L in logs.items()})]
-    panels += [("spread of h (rms, log10)", {n: _band(L, "h_rms", math.log10) for n, L in logs.items()})]
-    draw_lines(panels, path, title, "stage-2 step")
+    panels += [("spread of h (rms)", {n: _band(L, "h_rms") for n, L in logs.items()})]
+    draw_lines(panels, path, title, "stage-2 step", colors=colors, hollow=hollow)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -965,10 +982,14 @@ def study(cfg, root, pool):
              f"{CONTROL_SEEDS[0]}-{CONTROL_SEEDS[-1]}; x {cfg.variant_lambda_scale:g} is the variant, x 0 its lambda = 0)\n",
              markdown_table(["scale", "probe race", "Δ Finding-F1, race", f"Finding-F1, {BLACK}", "Finding-F1, whole",
                              "CheXpert-F1"], dose_rows)]
+    # each arm in its colour of curves.png; its lambda = 0 darker, with open markers
+    shade = {LABELS[arm + tail]: tuple(int(c * f) for c in _color(HEADLINE_ARMS.index(arm)))
+             for arm in FAIR_ARMS for tail, f in (("", 1.0), ("_l0", 0.55))}
     write_output(root, "curves_lambda0.png", lambda p: draw_curves(
         {LABELS[m]: [root / f"draw{d}" / f"seed{s}" / m / "monitor.jsonl" for d, s in dunits]
          for arm in FAIR_ARMS for m in (arm, arm + "_l0")}, p,
-        f"Each FairLLaVA arm with and without DIM ({'; '.join(map(unit_name, dunits))}; mean and range)"))
+        f"Each FairLLaVA arm with and without DIM ({'; '.join(map(unit_name, dunits))}; mean and range)",
+        colors=shade, hollow={LABELS[m + "_l0"] for m in FAIR_ARMS}))
     lora_d = [results[u + ("lora",)] for u in dunits]
     write_output(root, "tradeoff.png", lambda p: draw_lines(
         [(title, {"FairLLaVA, batch-standardised h": [(i, *_ci3([fn(r) for r in dose[x]])) for i, x in enumerate(scales)],

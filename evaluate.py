@@ -432,6 +432,13 @@ def _font(size):
 COLORS = ((31, 119, 180), (255, 127, 14), (44, 160, 44))
 
 
+def round_step(span, ticks=5):
+    """The step of an axis with about `ticks` intervals over span, at a round value (..., 0.02,
+    0.025, 0.05, 0.1, 0.2, 0.25, 0.5, 1, 2, 2.5, 5, 10, ...)."""
+    e = math.floor(math.log10(span / ticks)) if span > 0 else 0
+    return min(m * 10.0 ** k for k in (e, e + 1) for m in (1, 2, 2.5, 5) if m * 10.0 ** k >= span / ticks)
+
+
 def draw_groups_png(results, path, title=""):
     """One panel per attribute: a bar per group and chart metric, the whole-set score as a dashed
     line, small groups drawn pale. Plain Pillow drawing, no plotting library."""
@@ -452,9 +459,8 @@ def draw_groups_png(results, path, title=""):
                     "not in the gap", fill=(90, 90, 90), font=font)
     values = [s["score"] for a in attrs for n in names for s in results["fairness"][a][n]["groups"].values()]
     values += [results["overall"][n]["score"] for n in names]
-    # y axis: 5 or so ticks at a round step (..., 2, 5, 10, 20, 25, 50 ...)
     top_value = max(values + [1.0]) - 1e-6  # 100.0000001 is 100
-    step = min(m * 10 ** e for e in range(-2, 3) for m in (1, 2, 2.5, 5) if m * 10 ** e >= top_value / 5)
+    step = round_step(top_value)
     ymax = step * math.ceil(top_value / step)
     for i, a in enumerate(attrs):
         y0 = top + i * panel_h

@@ -479,3 +479,17 @@ def test_demo_refuses_folders_and_files_of_the_user(tmp_path):
     assert f"{d / 'draw1' / 'data'} exists but was not made by the demo" in message
     assert (d / "draw1" / "data" / "notes.txt").read_text() == "x" and (d / "base" / "thesis.tex").read_text() == "y"
     assert sorted(p.name for p in d.iterdir()) == ["base", "draw1"]
+
+
+def test_axes_step_at_round_values():
+    assert [evaluate.round_step(s) for s in (1.0, 0.385, 42.1, 100.0, 375.0, 8.87)] == [0.2, 0.1, 10.0, 20.0, 100.0, 2.0]
+
+
+def test_a_long_legend_wraps_onto_a_second_line_and_open_markers_stay_white_inside(tmp_path):
+    names = [f"a rather long series name number {i}" for i in range(6)]
+    panels = [("p", {n: [(0, 1.0 + i), (1, 2.0 + i)] for i, n in enumerate(names)})]
+    demo.draw_lines(panels, tmp_path / "wide.png", "title", "step", hollow={names[0]})
+    img = Image.open(tmp_path / "wide.png")
+    assert img.size[1] > 70 + 300  # the panels moved down to make room for the legend's second line
+    legend = np.asarray(img.convert("RGB"))[42:57, 15:32]  # the first legend key: outlined, white inside
+    assert (legend[7, 8] == 255).all() and (legend[0, 0] == evaluate.COLORS[0]).all()
