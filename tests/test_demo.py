@@ -16,6 +16,7 @@ import demo
 import outputs
 from fairness import FairnessConfig
 import evaluate
+import metrics
 from demo import DemoConfig, DemoError
 
 
@@ -493,3 +494,24 @@ def test_a_long_legend_wraps_onto_a_second_line_and_open_markers_stay_white_insi
     assert img.size[1] > 70 + 300  # the panels moved down to make room for the legend's second line
     legend = np.asarray(img.convert("RGB"))[42:57, 15:32]  # the first legend key: outlined, white inside
     assert (legend[7, 8] == 255).all() and (legend[0, 0] == evaluate.COLORS[0]).all()
+
+
+def test_paired_rows_are_per_run_differences_with_a_t_interval_and_say_no_difference_when_it_holds_0(monkeypatch):
+    monkeypatch.setattr(demo, "key_numbers", lambda r: r)  # the runs below are their key numbers already
+    units = [(1, 10), (1, 11), (2, 10), (2, 11)]
+    gap, whole = "Δ Finding-F1, race", "Finding-F1, whole test set"
+    base = {u: {gap: 30.0 + i, whole: 60.0 - i} for i, u in enumerate(units)}
+    results = {u + ("lora",): base[u] for u in units}
+    results |= {u + ("fairllava",): {gap: base[u][gap] - d, whole: base[u][whole] + e}
+                for u, d, e in zip(units, (10.0, 12.0, 14.0, 16.0), (-1.0, 1.0, -2.0, 2.0))}
+    results |= {u + ("fairllava_batch",): {gap: results[u + ("fairllava",)][gap] - 1.0, whole: 40.0} for u in units}
+    rows = demo.paired_rows(results, ["lora", "fairllava"], units, (gap, whole))
+    diffs = np.array([-10.0, -12.0, -14.0, -16.0])
+    half = metrics.t_quantile(0.975, 3) * diffs.std(ddof=1) / 2
+    assert rows[0][:2] == [demo.LABELS["fairllava"], gap]
+    assert rows[0][2] == f"{-13.0:+.2f} ± {half:.2f}" and rows[0][4] == "lower" and rows[0][5] == "4/4"
+    assert rows[0][6] == "-16.0 … -10.0"
+    assert rows[1][1] == whole and rows[1][4] == "no difference shown" and rows[1][5] == "2/4"
+    # against another arm: the same differences taken from that arm, not from LoRA
+    rows = demo.paired_rows(results, ["fairllava_batch"], units, (gap,), against="fairllava")
+    assert rows[0][2].startswith("-1.00 ± 0.00") and rows[0][5] == "4/4"
