@@ -501,6 +501,14 @@ class Spec:
     def __post_init__(self):
         self.tag = self.tag or self.method
 
+    @property
+    def stage1(self):  # DIR/drawD/seedS/stage1_<data folder>: shared by every run on this data and seed
+        return self.paths["data"].parent / f"seed{self.seed}" / f"stage1_{self.paths['data'].name}"
+
+    @property
+    def out(self):
+        return self.paths["data"].parent / f"seed{self.seed}" / self.tag
+
 
 def _timed(fn, *args):
     t = time.time()
@@ -530,17 +538,14 @@ def run_runs(cfg, pool, specs):
     + evaluation, `cfg.workers` at a time."""
     stage1 = {}
     for sp in specs:
-        s1 = sp.paths["data"].parent / f"seed{sp.seed}" / f"stage1_{sp.paths['data'].name}"
-        stage1.setdefault(str(s1), (train_config(cfg, sp.paths, sp.seed, 1, s1),
+        stage1.setdefault(str(sp.stage1), (train_config(cfg, sp.paths, sp.seed, 1, sp.stage1),
                                     f"draw {sp.draw} seed {sp.seed} stage 1 ({sp.paths['data'].name})"))
     _wait({k: pool.submit(_timed, run_unit, t, n, cfg.overwrite) for k, (t, n) in stage1.items()}, "stage 1",
           cfg.workers)
     jobs = {}
     for sp in specs:
-        s1 = sp.paths["data"].parent / f"seed{sp.seed}" / f"stage1_{sp.paths['data'].name}"
-        p = {**sp.paths, "stage1": s1}
-        out = sp.paths["data"].parent / f"seed{sp.seed}" / sp.tag
-        tcfg = train_config(cfg, p, sp.seed, 2, out, monitor=sp.monitor, **{**method_settings(cfg, sp.method), **sp.extra})
+        p = {**sp.paths, "stage1": sp.stage1}
+        tcfg = train_config(cfg, p, sp.seed, 2, sp.out, monitor=sp.monitor, **{**method_settings(cfg, sp.method), **sp.extra})
         jobs[(sp.draw, sp.seed, sp.tag)] = pool.submit(_timed, stage2_and_eval, tcfg, p,
                                                        f"draw {sp.draw} seed {sp.seed} {sp.tag}", cfg.overwrite)
     return _wait(jobs, "stage 2 + evaluation", cfg.workers)
@@ -635,6 +640,15 @@ def gap_cell(rep, digits=2):
     return f"{rep['gap']:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}{null}]"
 
 
+def run_dir(root, unit, tag):
+    """DIR/drawD/seedS/TAG: a stage-2 run's folder (Spec.out), for the report's readers."""
+    return root / f"draw{unit[0]}" / f"seed{unit[1]}" / tag
+
+
+def predictions_file(root, unit, tag):
+    return run_dir(root, unit, tag) / "eval" / "predictions_test.jsonl"
+
+
 def race_gap(res):
     return res["fairness"]["race"][synthetic.FINDING_F1.name]
 
@@ -650,6 +664,9 @@ PAIRED_KEYS = ("Δ Finding-F1, race", f"Finding-F1, {BLACK} patients", "Finding-
                "Δ Finding-F1, age", "Δ Finding-F1, gender", "Finding-F1, whole test set",
                "CheXpert-F1, whole test set", "BLEU-4, whole test set", "probe: race from h (chance 25)",
                "probe: age from h (chance 33)", "probe: gender from h (chance 50)")
+
+
+PAIRED_HEADER = ["method", "metric", "mean ± 95% CI", "95% CI", "", "runs < 0", "range"]  # paired_rows' columns
 
 
 def paired_rows(results, methods, units, keys=PAIRED_KEYS, against="lora"):
@@ -678,19 +695,16 @@ def paired_bootstrap_rows(root, methods, units, n_resamples=1000):
     difference the test set resolves, before the spread over training runs."""
     rows = []
     for u in units:
-        d, s = u
-        folder = root / f"draw{d}"
-        recs = data.read_llava_json(folder / "data" / "test.json", check_images=False)
+        recs = data.read_llava_json(root / f"draw{u[0]}" / "data" / "test.json", check_images=False)
         races = data.group_names(recs, "race")
-        hyps = lambda tag: evaluate.match_predictions(
-            evaluate.read_predictions(folder / f"seed{s}" / tag / "eval" / "predictions_test.jsonl"), recs)
+        hyps = lambda tag: evaluate.match_predictions(evaluate.read_predictions(predictions_file(root, u, tag)), recs)
         lora, refs = hyps("lora")
         cells = []
         for m in methods:
             if m == "lora":
                 continue
             diff = metrics.paired_difference(synthetic.FINDING_F1, hyps(m)[0], lora, refs, races,
-                                             n_resamples=n_resamples, seed=s)
+                                             n_resamples=n_resamples, seed=u[1])
             point, lo, hi = diff["gap"]
             cells.append(f"{point:+.1f} [{lo:+.1f}, {hi:+.1f}]" + (" *" if lo > 0 or hi < 0 else ""))
         rows.append([unit_name(u)] + cells)
@@ -725,6 +739,12 @@ def test_split(results):
     return f"{'/'.join(map(str, sorted(n)))} decorrelated cases per draw ({min(sizes)}-{max(sizes)} per race)"
 
 
+def write_summary(cfg, root, runs):
+    """summary.json: the demo's settings and every run's numbers (summary_of)."""
+    summary = {"config": asdict(cfg), "runs": runs}
+    write_output(root, "summary.json", lambda p: p.write_text(json.dumps(summary, indent=1, allow_nan=False, default=str)))
+
+
 def write_report(cfg, root, results, methods, extra_md="", curves=None):
     """results.md, summary.json and curves.png of `methods` over every (draw, seed) they all ran."""
     methods = [m for m in methods if any(k[2] == m for k in results)]
@@ -744,13 +764,13 @@ def write_report(cfg, root, results, methods, extra_md="", curves=None):
         md += ["\n## Paired differences, method − LoRA (same draw, seed and stage 1)\n",
                "Mean ± 95% t-interval over the runs; \"no difference shown\" where the interval holds 0; how many "
                "runs are below 0; the range.\n",
-               markdown_table(["method", "metric", "mean ± 95% CI", "95% CI", "", "runs < 0", "range"],
+               markdown_table(PAIRED_HEADER,
                               paired_rows(results, methods, units)),
                f"\n## Collapse: runs with a whole-set Finding-F1 below {COLLAPSE:g}\n",
                markdown_table(["method", "collapsed", "lowest whole-set Finding-F1",
                                "Δ Finding-F1, race, of the others"], collapse_rows(results, methods, units))]
-    have = lambda u, m: (root / f"draw{u[0]}" / f"seed{u[1]}" / m / "eval" / "predictions_test.jsonl").is_file()
-    if "lora" in methods and len(methods) > 1 and all(have(u, m) for u in units for m in methods):
+    if "lora" in methods and len(methods) > 1 and all(predictions_file(root, u, m).is_file()
+                                                       for u in units for m in methods):
         md += ["\n## The race gap against LoRA on the same test cases, run by run\n",
                "Change in Δ Finding-F1 (race) [95% paired stratified bootstrap interval over the test cases]; "
                "* where it excludes 0.\n",
@@ -768,12 +788,11 @@ def write_report(cfg, root, results, methods, extra_md="", curves=None):
                                for m in methods for d in results[units[0] + (m,)]["swap"]])]
     md.append(extra_md)
     write_output(root, "results.md", lambda p: p.write_text("\n".join(md) + "\n"))
-    summary = {"config": asdict(cfg), "runs": {m: {f"draw{d}/seed{s}": summary_of(results[(d, s, m)])
-                                                   for d, s, t in sorted(results) if t == m} for m in methods}}
-    write_output(root, "summary.json", lambda p: p.write_text(json.dumps(summary, indent=1, allow_nan=False, default=str)))
+    write_summary(cfg, root, {m: {f"draw{d}/seed{s}": summary_of(results[(d, s, m)])
+                                  for d, s, t in sorted(results) if t == m} for m in methods})
     curves = curves or units[:1]
     write_output(root, "curves.png", lambda p: draw_curves(
-        {LABELS[m]: [root / f"draw{d}" / f"seed{s}" / m / "monitor.jsonl" for d, s in curves] for m in methods}, p,
+        {LABELS[m]: [run_dir(root, u, m) / "monitor.jsonl" for u in curves] for m in methods}, p,
         f"The mechanism on the val split ({'; '.join(map(unit_name, curves))}" +
         ("; line: mean, band: range over runs)" if len(curves) > 1 else ")")))
     print("\n".join(md[:3]))  # the key numbers; the paper's table and the rest are in results.md
@@ -819,10 +838,9 @@ def draw_lines(panels, path, title, xlabel, xticks=None, colors=None, hollow=())
         if not pts:
             continue
         xs = [p[0] for p in pts] + [t for t, _ in xticks or ()]
-        ys = [v for p in pts for v in p[1:] if v == v]
-        step = evaluate.round_step(max(max(ys + [0.0]) - min(ys + [0.0]), 1e-9))
-        lo = step * math.floor(min(ys + [0.0]) / step + 1e-9)
-        hi = step * math.ceil(max(ys + [0.0]) / step - 1e-9)
+        ys = [v for p in pts for v in p[1:] if v == v] + [0.0]  # the y axis includes 0
+        step = evaluate.round_step(max(max(ys) - min(ys), 1e-9))
+        lo, hi = step * math.floor(min(ys) / step + 1e-9), step * math.ceil(max(ys) / step - 1e-9)
         hi = hi if hi > lo else lo + step
         pad = 0.3 if xticks else 0.0  # error bars at the ends stay inside the frame
         xmin, xmax = min(xs) - pad, (max(xs) if max(xs) > min(xs) else min(xs) + 1) + pad
@@ -859,9 +877,9 @@ def draw_lines(panels, path, title, xlabel, xticks=None, colors=None, hollow=())
     img.save(path)
 
 
-def _band(runs, key, fn=lambda v: v):
+def _band(runs, key):
     """Monitor logs of several runs -> [(step, mean, min, max)] over the steps they all logged."""
-    per = [{r["step"]: fn(r[key]) for r in L if key in r} for L in runs]
+    per = [{r["step"]: r[key] for r in L if key in r} for L in runs]
     steps = sorted(set.intersection(*(set(p) for p in per))) if per else []
     return [(t, float(np.mean(v)), min(v), max(v)) for t in steps for v in [[p[t] for p in per]]]
 
@@ -965,16 +983,16 @@ def study(cfg, root, pool):
              "\nEvery arm: stage 2 from the same stage-1 projector of its draw and seed, lr "
              f"{cfg.lr:g}, {cfg.epochs:g} epochs, batch {cfg.batch_size}, LoRA r {cfg.lora_r}.\n",
              "\n## The batch variant against the paper protocol (same draw, seed and stage 1)\n",
-             markdown_table(["method", "metric", "mean ± 95% CI", "95% CI", "", "runs < 0", "range"],
+             markdown_table(PAIRED_HEADER,
                             paired_rows(results, ["fairllava_batch"], units, against="fairllava")),
              "\n## lambda = 0: each FairLLaVA arm with every lambda_a = 0 (phi trains, DIM reaches nothing), "
              f"{len(cunits)} runs (seeds {CONTROL_SEEDS[0]}-{CONTROL_SEEDS[-1]} of each draw)\n",
              "Against LoRA on the same runs (should be no difference: the arm's machinery alone):\n",
-             markdown_table(["method", "metric", "mean ± 95% CI", "95% CI", "", "runs < 0", "range"],
+             markdown_table(PAIRED_HEADER,
                             paired_rows(results, ["lora"] + l0, cunits, lam_keys)),
              f"\nLoRA's race gap varies over its {len(units)} runs with a standard deviation of {lora_sd:.1f}.\n",
              "\nEach arm against its own lambda = 0 (what DIM does, everything else equal):\n",
-             markdown_table(["method", "metric", "mean ± 95% CI", "95% CI", "", "runs < 0", "range"],
+             markdown_table(PAIRED_HEADER,
                             [row for m in FAIR_ARMS for row in paired_rows(results, [m + "_l0", m], cunits, lam_keys,
                                                                            against=m + "_l0")]),
              "\n## Controls: is the gap the shortcut's? Δ Finding-F1 (race) per run [95% stratified bootstrap "
@@ -989,7 +1007,7 @@ def study(cfg, root, pool):
     shade = {LABELS[arm + tail]: tuple(int(c * f) for c in _color(HEADLINE_ARMS.index(arm)))
              for arm in FAIR_ARMS for tail, f in (("", 1.0), ("_l0", 0.55))}
     write_output(root, "curves_lambda0.png", lambda p: draw_curves(
-        {LABELS[m]: [root / f"draw{d}" / f"seed{s}" / m / "monitor.jsonl" for d, s in dunits]
+        {LABELS[m]: [run_dir(root, u, m) / "monitor.jsonl" for u in dunits]
          for arm in FAIR_ARMS for m in (arm, arm + "_l0")}, p,
         f"Each FairLLaVA arm with and without DIM ({'; '.join(map(unit_name, dunits))}; mean and range)",
         colors=shade, hollow={LABELS[m + "_l0"] for m in FAIR_ARMS}))
@@ -1036,8 +1054,7 @@ def check_draws(cfg, root, pool):
           f"\nLowest LoRA lower bound {min(lows):.1f}; highest control upper bound {max(highs):.1f}; "
           f"LoRA's whole-set Finding-F1 {min(whole):.1f}-{max(whole):.1f}.\n"]
     write_output(root, "results.md", lambda p: p.write_text("\n".join(md)))
-    summary = {"config": asdict(cfg), "runs": {f"draw{d}/seed{s}/{t}": summary_of(r) for (d, s, t), r in results.items()}}
-    write_output(root, "summary.json", lambda p: p.write_text(json.dumps(summary, indent=1, allow_nan=False, default=str)))
+    write_summary(cfg, root, {f"draw{d}/seed{s}/{t}": summary_of(r) for (d, s, t), r in results.items()})
     print("\n".join(md))
 
 

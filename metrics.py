@@ -759,8 +759,7 @@ def paired_difference(
     >>> round(d["gap"][0], 2), round(d["overall"][0], 2)
     (25.0, -12.5)
     """
-    check_pairs(hyps_b, refs)
-    score_a, score_b = _scorer(metric, hyps_a, refs), _scorer(metric, hyps_b, refs)
+    score_a, score_b = _scorer(metric, hyps_a, refs), _scorer(metric, hyps_b, refs)  # each checks its pairs
     names, codes = _group_codes(groups, len(refs), "groups")
     members = [np.flatnonzero(codes == k) for k in range(len(names))]
     kept = [k for k, m in enumerate(members) if len(m) >= min_group_size]
