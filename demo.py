@@ -660,7 +660,7 @@ def headline_rows(results, methods, units):
             for k in keys]
 
 
-PAIRED_KEYS = ("Δ Finding-F1, race", f"Finding-F1, {BLACK} patients", "Finding-F1, other races (mean)",
+PAIRED_KEYS = ("Δ Finding-F1, race", "ES-Finding-F1, race", f"Finding-F1, {BLACK} patients", "Finding-F1, other races (mean)",
                "Δ Finding-F1, age", "Δ Finding-F1, gender", "Finding-F1, whole test set",
                "CheXpert-F1, whole test set", "BLEU-4, whole test set", "probe: race from h (chance 25)",
                "probe: age from h (chance 33)", "probe: gender from h (chance 50)")
@@ -982,6 +982,9 @@ def study(cfg, root, pool):
     extra = ["\n## The arms\n", markdown_table(ARMS_HEADER, arms_rows(cfg)),
              "\nEvery arm: stage 2 from the same stage-1 projector of its draw and seed, lr "
              f"{cfg.lr:g}, {cfg.epochs:g} epochs, batch {cfg.batch_size}, LoRA r {cfg.lora_r}.\n",
+             "\n## The race gap against LoRA, draw by draw (does the effect depend on the draw?)\n",
+             markdown_table(PAIRED_HEADER, [[f"draw {d}: {row[0]}"] + row[1:] for d in DRAWS for row in paired_rows(
+                 results, HEADLINE_ARMS, [u for u in units if u[0] == d], (GAP,))]),
              "\n## The batch variant against the paper protocol (same draw, seed and stage 1)\n",
              markdown_table(PAIRED_HEADER,
                             paired_rows(results, ["fairllava_batch"], units, against="fairllava")),
