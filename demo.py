@@ -1,6 +1,6 @@
 """The built-in demo: FairLLaVA on a synthetic chest X-ray benchmark with a real shortcut, on a CPU.
 
-    python3 demo.py                       # draw 1, seed 10, four methods: about 7 minutes on 2 CPU cores
+    python3 demo.py                       # draw 1, seed 10, four methods: about 6 minutes on 2 CPU cores
     python3 demo.py --seeds 10 11 12      # with 95% intervals over seeds and paired differences
     python3 demo.py --study               # the README's study: 2 draws x 6 seeds, lambda = 0, controls, dose
     python3 demo.py --check-draws 100 101 102 103 104 --seeds 0 --dir runs/draws   # the benchmark on other draws
